@@ -1,0 +1,57 @@
+"""Settings shared by every command: where the data lives and which model serves.
+
+Precedence: command-line flag > environment variable (LOOPCHAT_*) > default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+
+
+@dataclass
+class Settings:
+    data_dir: Path = field(default_factory=lambda: Path(os.environ.get("LOOPCHAT_DATA_DIR", "./data")))
+    model: Path | None = None  # a local HF checkpoint; None = the prepared default model
+    host: str = "127.0.0.1"
+    port: int = 8000
+    engine: str = "auto"  # auto | vllm | transformers
+    engine_urls: tuple[str, ...] = ()
+    engine_port: int = 8100
+    max_request_bytes: int = 1_000_000
+    max_model_len: int = 2048
+
+    def __post_init__(self) -> None:
+        self.data_dir = Path(self.data_dir).resolve()
+        if self.model is None and os.environ.get("LOOPCHAT_MODEL"):
+            self.model = Path(os.environ["LOOPCHAT_MODEL"])
+        if self.model is not None:
+            self.model = Path(self.model).resolve()
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "loopchat.db"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.data_dir / "models"
+
+    @property
+    def adapters_dir(self) -> Path:
+        return self.data_dir / "adapters"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def model_dir(self) -> Path:
+        """The checkpoint that serves: --model, else the prepared default."""
+        return self.model if self.model is not None else self.models_dir / DEFAULT_MODEL_NAME
+
+    def ensure_dirs(self) -> None:
+        for d in (self.data_dir, self.models_dir, self.adapters_dir, self.logs_dir):
+            d.mkdir(parents=True, exist_ok=True)
