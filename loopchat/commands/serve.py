@@ -1,0 +1,83 @@
+"""`loopchat up` (gateway + engine + UI + worker) and `loopchat serve` (gateway + engine)."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import socket
+
+import click
+
+from loopchat.options import ensure_model, open_store, settings_options
+
+log = logging.getLogger("loopchat")
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(socket.gethostbyname(host)).is_loopback
+    except (OSError, ValueError):
+        return False
+
+
+def gateway_options(func):
+    options = [
+        click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on."),
+        click.option("--port", default=8000, show_default=True, type=click.IntRange(1, 65535)),
+        click.option("--engine", type=click.Choice(["auto", "vllm", "transformers"]), default="auto",
+                     show_default=True, envvar="LOOPCHAT_ENGINE",
+                     help="auto = vLLM when installed, else transformers."),
+        click.option("--engine-url", "engine_urls", multiple=True,
+                     help="A vLLM server already running (repeat for replicas); none = start one."),
+        click.option("--engine-port", default=8100, show_default=True, type=click.IntRange(1, 65535),
+                     help="Port of the vLLM server loopchat starts."),
+        click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(64)),
+        click.option("--max-request-bytes", default=1_000_000, show_default=True, type=click.IntRange(1024)),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_model_len, max_request_bytes,
+                mount=None) -> None:
+    import uvicorn
+
+    from serve.engines import create_engine
+    from serve.gateway import GatewayConfig, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    store = open_store(settings)
+    local = is_loopback(host)
+    if not local and store.key_count() == 0:
+        raise click.ClickException(f"refusing to listen on {host} without an API key: "
+                                   "run `loopchat keys create NAME --admin` first")
+    model_dir = ensure_model(settings) if not engine_urls else settings.model_dir
+    served_name = model_dir.name
+    eng = create_engine(engine, model_dir=model_dir, served_name=served_name, urls=engine_urls,
+                        port=engine_port, log_dir=settings.logs_dir, max_model_len=max_model_len)
+    app = create_app(store, eng, GatewayConfig(keys_required=not local, max_body_bytes=max_request_bytes))
+    if mount:
+        mount(app)
+    if store.key_count() == 0:
+        log.warning("no API keys exist: open mode on %s, anyone who can reach it may call it (admin included)",
+                    host)
+    log.info("loopchat gateway on http://%s:%d (engine: %s, model: %s, data: %s)", host, port, eng.kind,
+             served_name, settings.data_dir)
+    uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
+
+
+@click.command()
+@gateway_options
+@settings_options
+def serve(settings, **opts):
+    """Run the OpenAI-compatible gateway and its engine (no UI, no worker)."""
+    run_gateway(settings, **opts)
+
+
+@click.command()
+@gateway_options
+@settings_options
+def up(settings, **opts):
+    """Run everything on one machine: gateway, engine, browser UI and retrain worker."""
+    run_gateway(settings, **opts)

@@ -1,0 +1,166 @@
+"""POST /v1/chat/completions: resolve the model, stream from the engine, store the completion.
+
+Every answer is generated as a stream internally, so there is one path for timing,
+token counts and storage; a non-streamed request is assembled from the same chunks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from typing import AsyncIterator
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, StreamingResponse
+
+from serve.auth import User, current_user
+from serve.engines import EngineError, EngineUnavailable
+from serve.errors import APIError
+from serve.protocol import ChatCompletionRequest
+
+log = logging.getLogger("loopchat.chat")
+router = APIRouter()
+
+
+class Recorder:
+    """Collects one completion as its chunks pass, and turns it into a store row."""
+
+    def __init__(self, *, user: str, model: str, served_by: str, messages: list[dict], sampling: dict,
+                 source: str = "chat"):
+        self.user, self.model, self.served_by, self.source = user, model, served_by, source
+        self.messages, self.sampling = messages, sampling
+        self.t0 = time.perf_counter()
+        self.id: str | None = None
+        self.created = int(time.time())
+        self.ttft: float | None = None
+        self.texts: dict[int, list[str]] = {}
+        self.finish: dict[int, str | None] = {}
+        self.usage: dict | None = None
+
+    def add(self, chunk: dict) -> None:
+        self.id = self.id or chunk.get("id")
+        for choice in chunk.get("choices", ()):
+            i = choice["index"]
+            piece = (choice.get("delta") or {}).get("content")
+            if piece:
+                if self.ttft is None:
+                    self.ttft = time.perf_counter() - self.t0
+                self.texts.setdefault(i, []).append(piece)
+            else:
+                self.texts.setdefault(i, [])
+            if choice.get("finish_reason"):
+                self.finish[i] = choice["finish_reason"]
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+
+    def choices(self) -> list[dict]:
+        return [{"index": i, "content": "".join(self.texts[i]), "finish_reason": self.finish.get(i)}
+                for i in sorted(self.texts)]
+
+    def row(self, status: str) -> dict:
+        choices = self.choices()
+        usage = self.usage or {}
+        return {
+            "id": self.id, "user": self.user, "source": self.source, "model": self.model,
+            "served_by": self.served_by, "messages": self.messages,
+            "output": choices[0]["content"] if choices else "", "choices": choices, "params": self.sampling,
+            "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
+            "latency_ms": (time.perf_counter() - self.t0) * 1000,
+            "ttft_ms": None if self.ttft is None else self.ttft * 1000,
+            "finish_reason": choices[0]["finish_reason"] if choices else None, "status": status,
+        }
+
+    def response(self) -> dict:
+        usage = self.usage or {}
+        return {
+            "id": self.id, "object": "chat.completion", "created": self.created, "model": self.served_by,
+            "choices": [{"index": c["index"], "message": {"role": "assistant", "content": c["content"]},
+                         "finish_reason": c["finish_reason"], "logprobs": None} for c in self.choices()],
+            "usage": {"prompt_tokens": usage.get("prompt_tokens", 0),
+                      "completion_tokens": usage.get("completion_tokens", 0),
+                      "total_tokens": usage.get("total_tokens", 0)},
+        }
+
+
+async def open_stream(state, model: str, messages: list[dict], sampling: dict) -> tuple[dict, AsyncIterator[dict]]:
+    """Start generation and wait for its first chunk, so that an engine error still becomes
+    a proper HTTP status instead of a broken stream."""
+    gen = state.engine.stream(model, messages, sampling)
+    try:
+        first = await gen.__anext__()
+    except EngineUnavailable as e:
+        raise APIError(503, f"The model is not available right now: {e}", code="engine_unavailable") from e
+    except EngineError as e:
+        raise APIError(e.status, e.message, code=e.code, param=e.param) from e
+    except StopAsyncIteration:
+        raise APIError(502, "The engine returned no output.")
+    return first, gen
+
+
+async def generate(state, req: ChatCompletionRequest, user: User, source: str = "chat") -> Recorder:
+    """Run one request to the end (non-streamed) and store it; used by chat and comparisons."""
+    name = state.registry.resolve(req.model)
+    rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
+                   sampling=req.sampling(), source=source)
+    with state.registry.track(name):
+        first, gen = await open_stream(state, name, rec.messages, rec.sampling)
+        rec.add(first)
+        async for chunk in gen:
+            rec.add(chunk)
+    await finish(state, rec, "complete")
+    return rec
+
+
+async def finish(state, rec: Recorder, status: str) -> None:
+    if rec.ttft is not None:
+        state.metrics.ttft.observe(rec.ttft)
+    state.metrics.tokens.labels(rec.served_by).inc((rec.usage or {}).get("completion_tokens", 0))
+    if rec.id:
+        await asyncio.to_thread(state.store.record_completion, rec.row(status))
+
+
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatCompletionRequest, request: Request, user: User = Depends(current_user)):
+    state = request.app.state
+    if not req.stream:
+        return JSONResponse((await generate(state, req, user)).response())
+
+    name = state.registry.resolve(req.model)
+    rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
+                   sampling=req.sampling())
+    include_usage = bool(req.stream_options and req.stream_options.include_usage)
+    state.registry.acquire(name)
+    try:
+        first, gen = await open_stream(state, name, rec.messages, rec.sampling)
+    except BaseException:
+        state.registry.release(name)
+        raise
+
+    async def sse():
+        status = "incomplete"
+        try:
+            chunk = first
+            while True:
+                rec.add(chunk)
+                if chunk.get("choices") or include_usage:
+                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                try:
+                    chunk = await gen.__anext__()
+                except StopAsyncIteration:
+                    break
+            status = "complete"
+            yield "data: [DONE]\n\n"
+        except (EngineError, EngineUnavailable) as e:
+            err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}}
+            yield f"data: {json.dumps(err)}\n\n"
+        finally:
+            state.registry.release(name)
+            await gen.aclose()
+            if status == "complete":
+                await finish(state, rec, status)
+            elif rec.id:  # the client went away (or the engine failed): keep what was said, as incomplete
+                state.store.record_completion(rec.row(status))
+
+    return StreamingResponse(sse(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -1,0 +1,75 @@
+"""The gateway app: OpenAI-compatible routes, health, metrics; the engine starts with it."""
+
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from feedback import Store
+from serve import chat, errors
+from serve.auth import current_user
+from serve.engines import Engine
+from serve.metrics import Metrics, MetricsAndLimits
+from serve.registry import Registry
+
+log = logging.getLogger("loopchat.gateway")
+
+
+@dataclass
+class GatewayConfig:
+    keys_required: bool = False
+    max_body_bytes: int = 1_000_000
+
+
+router = APIRouter()
+
+
+@router.get("/healthz")
+async def healthz():
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+    state = request.app.state
+    if await state.engine.ready():
+        return {"status": "ready", "engine": state.engine.kind, "serving": state.registry.serving}
+    raise errors.APIError(503, f"The {state.engine.kind} engine is not ready yet.", code="engine_unavailable")
+
+
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(request.app.state.metrics.render(), media_type="text/plain; version=0.0.4")
+
+
+@router.get("/v1/models", dependencies=[Depends(current_user)])
+async def list_models(request: Request):
+    return {"object": "list", "data": request.app.state.registry.models()}
+
+
+def create_app(store: Store, engine: Engine, config: GatewayConfig | None = None) -> FastAPI:
+    config = config or GatewayConfig()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await engine.start()
+        try:
+            yield
+        finally:
+            await engine.stop()
+
+    app = FastAPI(title="loopchat", version="0.1.0", lifespan=lifespan)
+    app.state.store = store
+    app.state.engine = engine
+    app.state.registry = Registry(engine.served_name)
+    app.state.metrics = Metrics()
+    app.state.keys_required = config.keys_required
+    errors.install(app)
+    app.include_router(router)
+    app.include_router(chat.router)
+    app.add_middleware(MetricsAndLimits, metrics=app.state.metrics, max_body_bytes=config.max_body_bytes)
+    return app

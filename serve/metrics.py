@@ -1,0 +1,65 @@
+"""Prometheus metrics, one registry per app (several gateways may share a test process)."""
+
+from __future__ import annotations
+
+import time
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = r = CollectorRegistry()
+        self.requests = Counter("loopchat_requests", "HTTP requests by route and status", ["route", "status"],
+                                registry=r)
+        self.latency = Histogram("loopchat_request_latency_seconds", "Request latency (to the last byte)",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.ttft = Histogram("loopchat_time_to_first_token_seconds", "Time to the first generated token",
+                              buckets=LATENCY_BUCKETS, registry=r)
+        self.tokens = Counter("loopchat_generated_tokens", "Completion tokens generated", ["served_by"],
+                              registry=r)
+        self.serving = Gauge("loopchat_serving_policy_version", "Adapter version behind the `loopchat` alias "
+                             "(0 = the base model)", registry=r)
+        self.feedback = Counter("loopchat_feedback", "Feedback received by kind", ["kind"], registry=r)
+        self.last_promotion = Gauge("loopchat_last_promotion_timestamp_seconds", "When the alias last moved",
+                                    registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class MetricsAndLimits:
+    """ASGI middleware: refuses bodies over the size limit (413) and counts every request.
+    Plain ASGI rather than BaseHTTPMiddleware so streamed answers pass through untouched."""
+
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body:
+            from serve.errors import APIError, error_response
+            resp = error_response(APIError(413, f"Request body is {int(length)} bytes; the limit is "
+                                           f"{self.max_body}.", code="request_too_large"))
+            await resp(scope, receive, send)
+            self.metrics.requests.labels("body_limit", "413").inc()
+            return
+        t0, status = time.perf_counter(), [500]
+
+        async def send_wrapper(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            route = scope.get("route")
+            name = getattr(route, "path", "unmatched")
+            if not name.startswith("/ui"):
+                self.metrics.requests.labels(name, str(status[0])).inc()
+                self.metrics.latency.labels(name).observe(time.perf_counter() - t0)

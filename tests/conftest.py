@@ -1,0 +1,133 @@
+"""Shared fixtures. Slow servers start once per test session and are shared.
+
+- `model_dir`: the real SmolLM2-135M checkpoint, prepared once into .cache/ (kept between runs).
+- `vllm_gateway`: `loopchat up --engine vllm` as a real process on the real model (open mode).
+- `hf_gateway`: `loopchat up --engine transformers` as a real process (open mode).
+- `keyed_gateway`: a second gateway with API keys, in front of vllm_gateway's vLLM server.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CACHE = ROOT / ".cache"
+LOOPCHAT = [sys.executable, "-m", "loopchat.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A `loopchat` command run as a real process, with its own data dir and log."""
+
+    def __init__(self, args: list[str], data_dir: Path, port: int, env: dict | None = None):
+        self.data_dir, self.port, self.args = data_dir, port, args
+        self.url = f"http://127.0.0.1:{port}"
+        self.log_path = data_dir / "server.log"
+        self.env = {**os.environ, **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "loopchat.db"
+
+    def start(self, timeout: float = 300) -> "Server":
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(LOOPCHAT + self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                     cwd=ROOT)
+        self.wait_ready(timeout)
+        return self
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        raise TimeoutError(f"server not ready after {timeout} s:\n{self.log_tail()}")
+
+    def log_tail(self, n: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a `loopchat` command against this server's data dir."""
+        return subprocess.run(LOOPCHAT + list(args) + ["--data-dir", str(self.data_dir)], capture_output=True,
+                              text=True, cwd=ROOT, input=input, timeout=600)
+
+
+@pytest.fixture(scope="session")
+def model_dir() -> Path:
+    from loopchat.model import prepare
+
+    return prepare(CACHE / "models" / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def vllm_gateway(model_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("vllm-gw")
+    port, engine_port = free_port(), free_port()
+    server = Server(["up", "--engine", "vllm", "--port", str(port), "--engine-port", str(engine_port),
+                     "--data-dir", str(data), "--model", str(model_dir)], data, port)
+    server.engine_url = f"http://127.0.0.1:{engine_port}"
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def hf_gateway(model_dir, tmp_path_factory):
+    data = tmp_path_factory.mktemp("hf-gw")
+    port = free_port()
+    server = Server(["up", "--engine", "transformers", "--port", str(port), "--data-dir", str(data),
+                     "--model", str(model_dir)], data, port)
+    yield server.start()
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def keyed_gateway(vllm_gateway, model_dir, tmp_path_factory):
+    """Keys required; shares vllm_gateway's vLLM server (starts in seconds). Has `.keys`:
+    alice (user), bob (user), ops (admin)."""
+    data = tmp_path_factory.mktemp("keyed-gw")
+    port = free_port()
+    server = Server(["serve", "--engine-url", vllm_gateway.engine_url, "--port", str(port), "--data-dir",
+                     str(data), "--model", str(model_dir)], data, port)
+    server.keys = {}
+    for name, admin in (("alice", False), ("bob", False), ("ops", True)):
+        out = server.cli("keys", "create", name, *(["--admin"] if admin else []))
+        assert out.returncode == 0, out.stderr
+        server.keys[name] = out.stdout.strip()
+    yield server.start()
+    server.stop()

@@ -1,0 +1,152 @@
+"""Supervised fine-tuning of the policy's LoRA adapter on demonstrations.
+
+The loss is next-token cross-entropy on the assistant's tokens only (the prompt is context,
+not something to imitate), averaged over those tokens. Conversations go through the model's
+own chat template (see common.encode_chat), so what is learned is what gets served.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from train import common, data
+
+
+@dataclass
+class SFTConfig:
+    lora_r: int = 16  # vLLM is started with --max-lora-rank 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = common.LORA_TARGETS
+    lr: float = 2e-4
+    epochs: int = 1
+    max_steps: int | None = None  # stop earlier than `epochs` when set
+    batch_size: int = 8
+    max_len: int = 1024  # tokens per conversation; longer ones are cut at the end
+    seed: int = 0
+    dtype: str = "auto"  # auto | bfloat16 | float32
+
+
+def lora_config(cfg, task_type: str = "CAUSAL_LM", modules_to_save=None):
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type=task_type,
+        modules_to_save=modules_to_save,
+    )
+
+
+def make_examples(tokenizer, conversations: list[list[dict]], max_len: int) -> list[tuple[list[int], list[int]]]:
+    """(input ids, labels) per conversation; labels are -100 outside the assistant's tokens."""
+    out = []
+    for messages in conversations:
+        ids, mask = common.encode_chat(tokenizer, messages)
+        ids, mask = ids[:max_len], mask[:max_len]
+        if any(mask[1:]):  # something left to learn after truncation
+            out.append((ids, [t if m else -100 for t, m in zip(ids, mask)]))
+    return out
+
+
+def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled tokens; the LM head runs only where a label exists."""
+    trunk, head = common.backbone_and_head(model)
+    hidden = common.last_hidden(trunk, input_ids, attention_mask)[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logits = head(hidden[keep]).float()
+    return F.cross_entropy(logits, targets[keep])
+
+
+def batches(examples, batch_size: int, pad_id: int, generator: torch.Generator | None):
+    n = len(examples)
+    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+    for i in range(0, len(order), batch_size):
+        chunk = [examples[j] for j in order[i : i + batch_size]]
+        ids = common.pad_right([c[0] for c in chunk], pad_id)
+        labels = common.pad_right([c[1] for c in chunk], -100)
+        mask = common.pad_right([[1] * len(c[0]) for c in chunk], 0)
+        yield ids, labels, mask
+
+
+@torch.no_grad()
+def eval_loss(model, examples, batch_size: int, pad_id: int, device) -> float:
+    model.eval()
+    total, n = 0.0, 0
+    for ids, labels, mask in batches(examples, batch_size, pad_id, None):
+        k = int((labels[:, 1:] != -100).sum())
+        total += float(lm_loss(model, ids.to(device), labels.to(device), mask.to(device))) * k
+        n += k
+    return total / max(n, 1)
+
+
+def train_sft(
+    model_dir: str | Path,
+    records,
+    out_dir: str | Path,
+    cfg: SFTConfig | None = None,
+    *,
+    init_adapter: str | Path | None = None,
+    eval_records=None,
+    quiet: bool = False,
+) -> dict:
+    """Fine-tune a LoRA adapter on demonstrations and save it (peft format) in `out_dir`.
+
+    `records`/`eval_records`: a JSONL path or in-memory rows (sft or unpaired format, see
+    train.data). `init_adapter`: continue from an existing adapter instead of a fresh one.
+    Returns the metrics, also written to `out_dir/metrics.jsonl` (one line per step)."""
+    cfg = cfg or SFTConfig()
+    out_dir = Path(out_dir)
+    common.seed_all(cfg.seed)
+    device = common.pick_device()
+    dtype = common.pick_dtype(device, cfg.dtype)
+    tokenizer = common.load_tokenizer(model_dir)
+    train_ex = make_examples(tokenizer, data.read_sft(records), cfg.max_len)
+    eval_ex = make_examples(tokenizer, data.read_sft(eval_records), cfg.max_len) if eval_records is not None else []
+    if not train_ex:
+        raise data.DataError("no demonstrations to train on")
+
+    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
+    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)  # linear decay to 0
+    gen = torch.Generator().manual_seed(cfg.seed)
+    metrics = {"examples": len(train_ex), "steps": 0}
+    if eval_ex:
+        metrics["eval_loss_before"] = eval_loss(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, device)
+
+    log = common.RunLog(out_dir, total, "sft", quiet)
+    step, started = 0, time.monotonic()
+    while step < total:
+        for ids, labels, mask in batches(train_ex, cfg.batch_size, tokenizer.pad_token_id, gen):
+            model.train()
+            loss = lm_loss(model, ids.to(device), labels.to(device), mask.to(device))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            opt.step()
+            sched.step()
+            step += 1
+            tokens = int((labels != -100).sum())
+            log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens)
+            metrics["train_loss"] = loss.item()
+            if step >= total:
+                break
+    log.close()
+    metrics.update(steps=step, seconds=round(time.monotonic() - started, 2))
+    if eval_ex:
+        metrics["eval_loss"] = eval_loss(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, device)
+    model.save_pretrained(str(out_dir))
+    common.write_json(out_dir / "train_config.json", {"step": "sft", "model": str(model_dir), "init_adapter": init_adapter, **asdict(cfg)})
+    return metrics
