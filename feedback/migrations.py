@@ -50,17 +50,96 @@ def v1_completions_and_keys(db: sqlite_utils.Database) -> None:
     db["completions"].create_index(["created_at"])
 
 
+def v2_feedback(db: sqlite_utils.Database) -> None:
+    """Thumbs, corrections, pairwise comparisons and their votes.
+
+    Feedback rows are replaced in place (one per user and completion, one vote per
+    comparison), so `created_at` is the time of the current vote: "new since T" means
+    created_at > T. Every column the trainer or the dashboard filters or joins on has an index.
+    """
+    db["feedback"].create(
+        {
+            "id": int,
+            "user": str,
+            "completion_id": str,
+            "choice_index": int,  # which choice of the completion was rated
+            "rating": int,  # 1 | -1
+            "reason": str,
+            "comment": str,
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("user", "users", "name"), ("completion_id", "completions", "id")],
+        not_null={"user", "completion_id", "choice_index", "rating", "created_at"},
+        defaults={"choice_index": 0},
+    )
+    db["feedback"].create_index(["user", "completion_id"], unique=True)
+    db["feedback"].create_index(["completion_id"])
+    db["feedback"].create_index(["created_at"])
+    db["corrections"].create(
+        {
+            "id": int,
+            "feedback_id": int,  # the thumb it came with; one correction per feedback row
+            "completion_id": str,  # the completion (and choice_index of the feedback) it corrects
+            "content": str,  # what the assistant should have said
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("feedback_id", "feedback", "id"), ("completion_id", "completions", "id")],
+        not_null={"feedback_id", "completion_id", "content", "created_at"},
+    )
+    db["corrections"].create_index(["feedback_id"], unique=True)
+    db["corrections"].create_index(["completion_id"])
+    db["corrections"].create_index(["created_at"])
+    db["comparisons"].create(
+        {
+            "id": str,  # cmp-...
+            "user": str,  # the creator, the only one who may vote
+            "a_id": str,  # candidate completions, in the order they were shown
+            "b_id": str,
+            "created_at": float,
+        },
+        pk="id",
+        foreign_keys=[("user", "users", "name"), ("a_id", "completions", "id"), ("b_id", "completions", "id")],
+        not_null={"user", "a_id", "b_id", "created_at"},
+    )
+    db["comparisons"].create_index(["user", "created_at"])
+    db["comparisons"].create_index(["a_id"])
+    db["comparisons"].create_index(["b_id"])
+    db["comparisons"].create_index(["created_at"])
+    db["votes"].create(
+        {"comparison_id": str, "choice": str, "created_at": float},  # choice: a | b | tie | both_bad
+        pk="comparison_id",
+        foreign_keys=[("comparison_id", "comparisons", "id")],
+        not_null={"choice", "created_at"},
+    )
+    db["votes"].create_index(["created_at"])
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     v1_completions_and_keys,
+    v2_feedback,
 ]
 
 
 def migrate(db: sqlite_utils.Database, upto: int | None = None) -> int:
-    """Bring `db` to the newest version (or `upto`); returns the version it is at."""
+    """Bring `db` to the newest version (or `upto`); returns the version it is at.
+
+    Each step runs in one IMMEDIATE transaction that re-reads the version first, so a crash
+    leaves no half-made schema and two processes opening a new file at once (gateway, CLI)
+    do not both apply the same step."""
     target = len(MIGRATIONS) if upto is None else upto
     current = db.execute("PRAGMA user_version").fetchone()[0]
-    for version in range(current + 1, target + 1):
-        with db.conn:
-            MIGRATIONS[version - 1](db)
-            db.execute(f"PRAGMA user_version = {version}")
-    return max(current, target)
+    while current < target:
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            current = db.execute("PRAGMA user_version").fetchone()[0]
+            if current < target:
+                MIGRATIONS[current](db)
+                current += 1
+                db.execute(f"PRAGMA user_version = {current}")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        db.execute("COMMIT")
+    return current

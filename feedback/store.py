@@ -17,10 +17,17 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
+from feedback.errors import Invalid, NotFound, NotYours
 from feedback.migrations import migrate
 
 BUSY_TIMEOUT_MS = 10_000
 KEY_PREFIX = "lc-"
+VOTE_CHOICES = ("a", "b", "tie", "both_bad")
+
+_FEEDBACK_SELECT = """
+    SELECT f.id, f.completion_id, f.choice_index, f.rating, f.reason, f.comment, k.content AS correction,
+           f.created_at
+    FROM feedback f LEFT JOIN corrections k ON k.feedback_id = f.id"""
 
 
 def hash_key(key: str) -> str:
@@ -98,6 +105,110 @@ class Store:
             if row.get(k):
                 row[k] = json.loads(row[k])
         return row
+
+    # ---- thumbs and corrections -----------------------------------------------------
+    def put_feedback(self, user: str, completion_id: str, rating: int, *, reason: str | None = None,
+                     comment: str | None = None, correction: str | None = None, choice_index: int = 0) -> dict:
+        """Record `user`'s verdict on one of their completions, replacing any earlier one.
+
+        The post is the user's whole feedback on that completion: a post without a correction
+        removes an earlier correction. Raises NotFound, NotYours or Invalid; writes nothing then."""
+        if rating not in (1, -1):
+            raise Invalid("rating must be 1 or -1", "rating")
+        now = time.time()
+        with self.transaction() as db:
+            found = db.execute("SELECT user, choices FROM completions WHERE id = ?", [completion_id]).fetchone()
+            if found is None:
+                raise NotFound(f"No completion with id '{completion_id}'.", "completion_id")
+            owner, choices = found
+            if owner != user:
+                raise NotYours(f"Completion '{completion_id}' belongs to another user.", "completion_id")
+            n_choices = len(json.loads(choices)) if choices else 1
+            if not 0 <= choice_index < n_choices:
+                raise Invalid(f"choice_index {choice_index} is out of range: the completion has {n_choices} "
+                              "choice(s).", "choice_index")
+            db["feedback"].upsert(
+                {"user": user, "completion_id": completion_id, "choice_index": choice_index, "rating": rating,
+                 "reason": reason, "comment": comment, "created_at": now},
+                pk=("user", "completion_id"))
+            feedback_id = db.execute("SELECT id FROM feedback WHERE user = ? AND completion_id = ?",
+                                     [user, completion_id]).fetchone()[0]
+            if correction is None:
+                db.execute("DELETE FROM corrections WHERE feedback_id = ?", [feedback_id])
+            else:
+                db["corrections"].upsert(
+                    {"feedback_id": feedback_id, "completion_id": completion_id, "content": correction,
+                     "created_at": now},
+                    pk="feedback_id")
+            return self.rows(_FEEDBACK_SELECT + " WHERE f.id = ?", [feedback_id])[0]
+
+    def get_feedback(self, user: str, completion_id: str | None = None, limit: int = 20) -> list[dict]:
+        """`user`'s feedback on one completion, or their most recent feedback first."""
+        if completion_id is not None:
+            return self.rows(_FEEDBACK_SELECT + " WHERE f.user = ? AND f.completion_id = ?", [user, completion_id])
+        return self.rows(_FEEDBACK_SELECT + " WHERE f.user = ? ORDER BY f.created_at DESC, f.id DESC LIMIT ?",
+                         [user, limit])
+
+    # ---- comparisons and votes ------------------------------------------------------
+    def create_comparison(self, user: str, a_id: str, b_id: str) -> str:
+        """Store a comparison of two stored completions, in the order they are shown; returns its id."""
+        comparison_id = "cmp-" + secrets.token_hex(12)
+        with self.transaction() as db:
+            db["comparisons"].insert({"id": comparison_id, "user": user, "a_id": a_id, "b_id": b_id,
+                                      "created_at": time.time()})
+        return comparison_id
+
+    def get_comparison(self, comparison_id: str, user: str) -> dict:
+        """The comparison with its candidates (id, content, model that wrote it) and the vote
+        (`choice`, None before one). Raises NotFound, or NotYours unless `user` created it."""
+        rows = self.rows(
+            """SELECT p.id, p.user, p.created_at, v.choice,
+                      a.id AS a_id, a.output AS a_content, a.served_by AS a_model,
+                      b.id AS b_id, b.output AS b_content, b.served_by AS b_model
+               FROM comparisons p JOIN completions a ON a.id = p.a_id JOIN completions b ON b.id = p.b_id
+               LEFT JOIN votes v ON v.comparison_id = p.id
+               WHERE p.id = ?""", [comparison_id])
+        if not rows:
+            raise NotFound(f"No comparison with id '{comparison_id}'.")
+        row = rows[0]
+        if row["user"] != user:
+            raise NotYours(f"Comparison '{comparison_id}' was created by another user.")
+        return {"id": row["id"], "created_at": row["created_at"], "choice": row["choice"],
+                "candidates": [{"id": row[f"{x}_id"], "content": row[f"{x}_content"], "model": row[f"{x}_model"]}
+                               for x in ("a", "b")]}
+
+    def vote(self, user: str, comparison_id: str, choice: str) -> dict:
+        """Record (or replace) the creator's vote; returns the comparison as get_comparison does."""
+        if choice not in VOTE_CHOICES:
+            raise Invalid(f"choice must be one of {', '.join(VOTE_CHOICES)}", "choice")
+        with self.transaction() as db:
+            self.get_comparison(comparison_id, user)
+            db["votes"].upsert({"comparison_id": comparison_id, "choice": choice, "created_at": time.time()},
+                               pk="comparison_id")
+            return self.get_comparison(comparison_id, user)
+
+    # ---- privacy ----------------------------------------------------------------------
+    def delete_user(self, name: str) -> dict[str, int]:
+        """Remove a user with their keys, completions and every piece of feedback on or by them,
+        in one transaction; returns how many rows went from each table."""
+        mine = "SELECT id FROM completions WHERE user = :u"
+        comparisons = f"SELECT id FROM comparisons WHERE user = :u OR a_id IN ({mine}) OR b_id IN ({mine})"
+        feedback = f"SELECT id FROM feedback WHERE user = :u OR completion_id IN ({mine})"
+        steps = [
+            ("votes", f"DELETE FROM votes WHERE comparison_id IN ({comparisons})"),
+            ("comparisons", f"DELETE FROM comparisons WHERE id IN ({comparisons})"),
+            ("corrections",
+             f"DELETE FROM corrections WHERE feedback_id IN ({feedback}) OR completion_id IN ({mine})"),
+            ("feedback", f"DELETE FROM feedback WHERE id IN ({feedback})"),
+            ("completions", "DELETE FROM completions WHERE user = :u"),
+            ("api_keys", "DELETE FROM api_keys WHERE user = :u"),
+            ("users", "DELETE FROM users WHERE name = :u"),
+        ]
+        with self.transaction() as db:
+            return {table: db.execute(sql, {"u": name}).rowcount for table, sql in steps}
+
+    def has_user(self, name: str) -> bool:
+        return bool(self.rows("SELECT 1 FROM users WHERE name = ?", [name]))
 
     def count(self, table: str) -> int:
         return self.db[table].count

@@ -5,9 +5,11 @@ from __future__ import annotations
 import click
 
 from loopchat import __version__
+from loopchat.commands.feedback import export, feedback, users
 from loopchat.commands.keys import keys
 from loopchat.commands.model import model
 from loopchat.commands.serve import serve, up
+from loopchat.commands.ui import ui
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -16,7 +18,7 @@ def cli():
     """loopchat: a chat service that gets better from its own users."""
 
 
-for command in (up, serve, model, keys):
+for command in (up, serve, model, keys, export, feedback, users, ui):
     cli.add_command(command)
 
 

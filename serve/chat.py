@@ -138,7 +138,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
         raise
 
     async def sse():
-        status = "incomplete"
+        stored = False
         try:
             chunk = first
             while True:
@@ -149,7 +149,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
                     chunk = await gen.__anext__()
                 except StopAsyncIteration:
                     break
-            status = "complete"
+            # Stored before [DONE], so a client may send feedback on the id as soon as the stream ends.
+            await finish(state, rec, "complete")
+            stored = True
             yield "data: [DONE]\n\n"
         except (EngineError, EngineUnavailable) as e:
             err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}}
@@ -157,10 +159,8 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
         finally:
             state.registry.release(name)
             await gen.aclose()
-            if status == "complete":
-                await finish(state, rec, status)
-            elif rec.id:  # the client went away (or the engine failed): keep what was said, as incomplete
-                state.store.record_completion(rec.row(status))
+            if not stored and rec.id:  # the client went away (or the engine failed): keep it, as incomplete
+                state.store.record_completion(rec.row("incomplete"))
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -10,10 +10,11 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from feedback import Store
-from serve import chat, errors
+from serve import chat, errors, feedback_routes
 from serve.auth import current_user
 from serve.engines import Engine
 from serve.metrics import Metrics, MetricsAndLimits
+from serve.ratelimit import SlidingWindow
 from serve.registry import Registry
 
 log = logging.getLogger("loopchat.gateway")
@@ -23,6 +24,7 @@ log = logging.getLogger("loopchat.gateway")
 class GatewayConfig:
     keys_required: bool = False
     max_body_bytes: int = 1_000_000
+    feedback_rate_limit: int = 0  # feedback posts per user per minute; 0 = no limit
 
 
 router = APIRouter()
@@ -68,8 +70,10 @@ def create_app(store: Store, engine: Engine, config: GatewayConfig | None = None
     app.state.registry = Registry(engine.served_name)
     app.state.metrics = Metrics()
     app.state.keys_required = config.keys_required
+    app.state.feedback_limiter = SlidingWindow(config.feedback_rate_limit)
     errors.install(app)
     app.include_router(router)
     app.include_router(chat.router)
+    app.include_router(feedback_routes.router)
     app.add_middleware(MetricsAndLimits, metrics=app.state.metrics, max_body_bytes=config.max_body_bytes)
     return app

@@ -131,3 +131,38 @@ def keyed_gateway(vllm_gateway, model_dir, tmp_path_factory):
         server.keys[name] = out.stdout.strip()
     yield server.start()
     server.stop()
+
+
+# ---- the browser UI (tests/test_ui_*.py) -----------------------------------------------------
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--disable-quic", "--no-first-run"]
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    """Headless Debian chromium (/usr/bin/chromium) driven by playwright; never downloads a browser."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def open_page(chromium):
+    """open_page(url) -> a page in a fresh browser context (its own storage, so its own UI identity)."""
+    contexts = []
+
+    def open_(url: str):
+        context = chromium.new_context(viewport={"width": 1280, "height": 900})
+        contexts.append(context)
+        page = context.new_page()
+        page.set_default_timeout(30_000)
+        page.goto(url)
+        return page
+
+    yield open_
+    for context in contexts:
+        context.close()

@@ -150,7 +150,7 @@ def train_reward_model(
             opt.step()
             sched.step()
             step += 1
-            log.step(step, loss=loss.item(), accuracy=float((r_c > r_r).float().mean()), margin=float((r_c - r_r).mean()))
+            log.step(step, loss=loss.item(), accuracy=(r_c > r_r).float().mean().item(), margin=(r_c - r_r).mean().item())
             if step >= total:
                 break
     log.close()

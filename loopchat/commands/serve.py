@@ -33,6 +33,8 @@ def gateway_options(func):
                      help="Port of the vLLM server loopchat starts."),
         click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(64)),
         click.option("--max-request-bytes", default=1_000_000, show_default=True, type=click.IntRange(1024)),
+        click.option("--feedback-rate-limit", default=0, show_default=True, type=click.IntRange(0),
+                     help="Feedback posts per user per minute (0 = no limit)."),
     ]
     for option in reversed(options):
         func = option(func)
@@ -40,7 +42,7 @@ def gateway_options(func):
 
 
 def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_model_len, max_request_bytes,
-                mount=None) -> None:
+                feedback_rate_limit=0, mount=None) -> None:
     import uvicorn
 
     from serve.engines import create_engine
@@ -56,7 +58,8 @@ def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_mode
     served_name = model_dir.name
     eng = create_engine(engine, model_dir=model_dir, served_name=served_name, urls=engine_urls,
                         port=engine_port, log_dir=settings.logs_dir, max_model_len=max_model_len)
-    app = create_app(store, eng, GatewayConfig(keys_required=not local, max_body_bytes=max_request_bytes))
+    app = create_app(store, eng, GatewayConfig(keys_required=not local, max_body_bytes=max_request_bytes,
+                                               feedback_rate_limit=feedback_rate_limit))
     if mount:
         mount(app)
     if store.key_count() == 0:
@@ -80,4 +83,16 @@ def serve(settings, **opts):
 @settings_options
 def up(settings, **opts):
     """Run everything on one machine: gateway, engine, browser UI and retrain worker."""
-    run_gateway(settings, **opts)
+    host = opts["host"]
+    ui_gateway = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') or is_loopback(host) else host}:{opts['port']}"
+
+    def mount_ui(app):
+        import gradio as gr
+        from fastapi.responses import RedirectResponse
+
+        from ui.app import build_app
+
+        gr.mount_gradio_app(app, build_app(ui_gateway), path="/ui", footer_links=[])
+        app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
+
+    run_gateway(settings, **opts, mount=mount_ui)

@@ -173,9 +173,9 @@ class TransformersEngine:
                         put("text", text[sent:safe])
                         sent = safe
                     if stopped:
+                        for _ in streamer:  # drain what generate emits before it sees the stop string
+                            pass
                         break
-                for _ in streamer:  # drain what generate still emits before it sees the stop string
-                    pass
                 gen.join()
             if len(text) > sent:
                 put("text", text[sent:])

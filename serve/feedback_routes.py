@@ -1,0 +1,152 @@
+"""Feedback through the API: thumbs and corrections, pairwise comparisons and their votes, stats.
+
+Every write is one store transaction. Posts are rate limited per user (`feedback_rate_limit`
+posts a minute, all kinds together), and a user may only give feedback on their own
+completions and vote on their own comparisons."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from typing import Annotated, Callable, Literal, TypeVar
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, model_validator
+
+from feedback.errors import FeedbackError, Invalid, NotFound, NotYours
+from feedback.stats import feedback_stats
+from serve.auth import User, current_user, require_admin
+from serve.chat import generate
+from serve.errors import APIError
+from serve.protocol import ChatCompletionRequest
+
+router = APIRouter()
+T = TypeVar("T")
+
+_STATUS = {NotFound: (404, "not_found"), NotYours: (403, "not_owner"), Invalid: (400, "invalid_value")}
+
+
+def _rating(value: int) -> int:
+    if value not in (1, -1):
+        raise ValueError("rating must be 1 or -1")
+    return value
+
+
+def _not_blank(value: str | None) -> str | None:
+    if value is not None and not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    completion_id: str = Field(min_length=1, max_length=256)
+    rating: Annotated[StrictInt, AfterValidator(_rating)]
+    reason: str | None = Field(None, max_length=256)
+    comment: str | None = Field(None, max_length=10_000)
+    correction: Annotated[str | None, AfterValidator(_not_blank)] = Field(None, max_length=100_000)
+    choice_index: int = Field(0, ge=0)
+
+
+class VoteRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    choice: Literal["a", "b", "tie", "both_bad"]
+
+
+class ComparisonRequest(ChatCompletionRequest):
+    """A chat request answered twice; `models` names the two candidates' models (default: `model` twice)."""
+
+    models: list[Annotated[str, Field(min_length=1)]] | None = Field(None, min_length=2, max_length=2)
+
+    @model_validator(mode="after")
+    def _one_answer_each(self):
+        if self.stream:
+            raise ValueError("comparisons are not streamed; leave `stream` false")
+        if self.n != 1:
+            raise ValueError("comparisons take one choice per candidate; leave `n` at 1")
+        return self
+
+
+def _store_call(fn: Callable[..., T], *args, **kwargs) -> T:
+    """Run a store operation, turning its refusals into OpenAI-shaped API errors."""
+    try:
+        return fn(*args, **kwargs)
+    except FeedbackError as e:
+        status, code = _STATUS[type(e)]
+        raise APIError(status, e.message, param=e.param, code=code) from e
+
+
+def rate_limited(request: Request, user: User = Depends(current_user)) -> User:
+    wait = request.app.state.feedback_limiter.hit(user.name)
+    if wait:
+        raise APIError(429, f"Too much feedback: at most {request.app.state.feedback_limiter.limit} posts a "
+                       f"minute. Try again in {wait:.0f} s.", code="rate_limit_exceeded")
+    return user
+
+
+def _feedback_view(row: dict) -> dict:
+    return {"id": row["id"], "object": "feedback", **row}
+
+
+def _comparison_view(cmp: dict) -> dict:
+    """The comparison as its creator sees it: which model wrote which only once they voted."""
+    voted = cmp["choice"] is not None
+    return {"id": cmp["id"], "object": "comparison", "created_at": cmp["created_at"], "choice": cmp["choice"],
+            "candidates": [c if voted else {"id": c["id"], "content": c["content"]} for c in cmp["candidates"]]}
+
+
+@router.post("/v1/feedback")
+def post_feedback(body: FeedbackRequest, request: Request, user: User = Depends(rate_limited)):
+    state = request.app.state
+    row = _store_call(state.store.put_feedback, user.name, body.completion_id, body.rating, reason=body.reason,
+                      comment=body.comment, correction=body.correction, choice_index=body.choice_index)
+    state.metrics.feedback.labels("thumbs_up" if body.rating > 0 else "thumbs_down").inc()
+    if body.correction is not None:
+        state.metrics.feedback.labels("correction").inc()
+    return _feedback_view(row)
+
+
+@router.get("/v1/feedback")
+def list_feedback(request: Request, completion_id: str | None = None, limit: int = Query(20, ge=1, le=100),
+                  user: User = Depends(current_user)):
+    rows = request.app.state.store.get_feedback(user.name, completion_id, limit)
+    return {"object": "list", "data": [_feedback_view(r) for r in rows]}
+
+
+@router.post("/v1/comparisons")
+async def create_comparison(body: ComparisonRequest, request: Request, user: User = Depends(rate_limited)):
+    state = request.app.state
+    models = body.models or [body.model, body.model]
+    for model in models:  # an unknown model fails before anything is generated
+        state.registry.resolve(model)
+    tasks = [asyncio.ensure_future(generate(state, body.model_copy(update={"model": m}), user, source="comparison"))
+             for m in models]
+    try:
+        candidates = await asyncio.gather(*tasks)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    random.shuffle(candidates)
+    comparison_id = await asyncio.to_thread(state.store.create_comparison, user.name, *(c.id for c in candidates))
+    state.metrics.feedback.labels("comparison").inc()
+    return {"id": comparison_id, "object": "comparison",
+            "candidates": [{"id": c.id, "content": c.choices()[0]["content"]} for c in candidates]}
+
+
+@router.get("/v1/comparisons/{comparison_id}")
+def get_comparison(comparison_id: str, request: Request, user: User = Depends(current_user)):
+    return _comparison_view(_store_call(request.app.state.store.get_comparison, comparison_id, user.name))
+
+
+@router.post("/v1/comparisons/{comparison_id}/vote")
+def vote(comparison_id: str, body: VoteRequest, request: Request, user: User = Depends(rate_limited)):
+    state = request.app.state
+    cmp = _store_call(state.store.vote, user.name, comparison_id, body.choice)
+    state.metrics.feedback.labels("vote").inc()
+    return {"id": cmp["id"], "object": "comparison.vote", "choice": cmp["choice"], "candidates": cmp["candidates"]}
+
+
+@router.get("/admin/feedback/stats", dependencies=[Depends(require_admin)])
+def stats(request: Request):
+    return feedback_stats(request.app.state.store)

@@ -1,0 +1,153 @@
+"""SFT, reward model, PPO, the gate and the CLI on a tiny random Llama (fast)."""
+
+import json
+
+import click
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from train import common
+from train.artifacts import check_adapter, list_versions, load_manifest
+from train.evaluate import GateConfig, evaluate_adapter
+from train.ppo import VALUE_HEAD_FILE, PPOConfig, train_ppo
+from train.reward import RewardConfig, RewardModel, train_reward_model, value_head_init
+from train.sft import SFTConfig, make_examples, train_sft
+from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
+
+WORDS = ["apple", "river", "stone", "cloud", "maple", "tiger", "piano", "candle"]
+DEMOS = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w} {w}"}]} for w in WORDS]
+PAIRS = [
+    {"prompt": [{"role": "user", "content": f"Tell me about {w}."}], "chosen": [{"role": "assistant", "content": f"{w} is good"}], "rejected": [{"role": "assistant", "content": f"{w} bad bad"}]}
+    for w in WORDS
+]
+PROMPTS = [f"Say {w}." for w in WORDS]
+
+
+@pytest.fixture(scope="module")
+def sft_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    metrics = train_sft(tiny_model_dir, DEMOS * 4, out, SFTConfig(lr=1e-2, epochs=3, batch_size=8), eval_records=DEMOS, quiet=True)
+    return out, metrics
+
+
+@pytest.fixture(scope="module")
+def rm_run(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("rm")
+    metrics = train_reward_model(tiny_model_dir, PAIRS * 2, out, RewardConfig(lr=1e-2, epochs=2, batch_size=4), eval_records=PAIRS[:2], quiet=True)
+    return out, metrics
+
+
+def test_sft_loss_only_on_the_assistant_tokens(tiny_model_dir):
+    tok = common.load_tokenizer(tiny_model_dir)
+    (ids, labels), = make_examples(tok, [DEMOS[0]["messages"]], max_len=1024)
+    assert tok.decode(ids) == common.render(tok, DEMOS[0]["messages"])  # what the chat template renders, nothing else
+    learned = tok.decode([t for t in labels if t != -100])
+    assert learned == "apple apple apple<|im_end|>\n"
+
+
+def test_sft_learns_and_saves_a_servable_adapter(sft_run, tiny_model_dir):
+    out, metrics = sft_run
+    assert metrics["eval_loss"] < metrics["eval_loss_before"] - 0.1
+    config = check_adapter(out)
+    assert set(config["target_modules"]) <= {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"} and config["r"] <= 16
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == metrics["steps"] and {"step", "loss", "lr", "time_s"} <= lines[0].keys()
+
+
+def test_sft_continues_from_an_adapter(sft_run, tiny_model_dir, tmp_path):
+    out, first = sft_run
+    again = train_sft(tiny_model_dir, DEMOS, tmp_path, SFTConfig(lr=1e-9, max_steps=1), init_adapter=out, eval_records=DEMOS, quiet=True)
+    assert again["eval_loss_before"] == pytest.approx(first["eval_loss"], rel=1e-3)
+
+
+def test_reward_model_trains_normalises_and_feeds_the_value_head(rm_run, tiny_model_dir):
+    out, metrics = rm_run
+    assert metrics["train_accuracy"] >= 0.75 and metrics["eval_pairs"] == 2
+    rm = RewardModel(out, tiny_model_dir)
+    prompts = [p["prompt"] for p in PAIRS] * 2
+    answers = [p["chosen"][0]["content"] for p in PAIRS] + [p["rejected"][0]["content"] for p in PAIRS]
+    scores = rm(prompts, answers)
+    assert scores.shape == (16,) and abs(float(scores.mean())) < 0.3 and 0.7 < float(scores.std()) < 1.3
+    weight, bias = value_head_init(out)
+    raw = rm.raw(prompts[:2], answers[:2])
+    assert weight.shape == (64,) and torch.allclose((raw - rm.stats["mean"]) / rm.stats["std"], rm(prompts[:2], answers[:2]))
+    assert bias == pytest.approx(-rm.stats["mean"] / rm.stats["std"])
+
+
+def test_ppo_runs_logs_and_keeps_the_value_head_out_of_the_adapter(tiny_model_dir, rm_run, tmp_path):
+    rm_dir, _ = rm_run
+    cfg = PPOConfig(steps=2, batch_size=4, minibatches=2, max_new_tokens=8)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path, rule_reward, cfg, value_head_from=rm_dir, quiet=True)
+    assert metrics["steps"] == 2 and metrics["stop"] == "steps done"
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert {"score", "kl", "entropy", "clipfrac", "vf_loss", "approx_kl", "pg_loss", "kl_coef", "samples_per_s"} <= lines[-1].keys()
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA (B = 0) is the reference exactly
+    check_adapter(tmp_path)
+    assert all("lora_" in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
+    assert set(load_file(str(tmp_path / VALUE_HEAD_FILE))) == {"linear.weight", "linear.bias"}
+
+
+def test_ppo_reference_is_the_base_and_kl_runaway_reverts(tiny_model_dir, sft_run, tmp_path):
+    sft_dir, _ = sft_run
+    cfg = PPOConfig(steps=3, batch_size=4, max_new_tokens=8, lr=5e-2, kl_stop=1e-4)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path, rule_reward, cfg, init_adapter=sft_dir, quiet=True)
+    first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
+    assert first["kl"] > 0.1  # the SFT adapter differs from the reference (the base with the adapter off)
+    assert "reverted" in metrics["stop"] and metrics["steps"] < 3
+    before, after = load_file(str(sft_dir / "adapter_model.safetensors")), load_file(str(tmp_path / "adapter_model.safetensors"))
+    assert all(torch.equal(before[k], after[k]) for k in before)  # back to the last state under the bound
+
+
+def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, rm_run):
+    sft_dir, _ = sft_run
+    rm_dir, _ = rm_run
+    cfg = GateConfig(max_new_tokens=8, canary_max_new_tokens=8, canaries=("Say apple.",))
+    verdict = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS[:4], cfg=cfg)
+    checks = verdict["checks"]
+    assert set(checks) == {"rm_accuracy", "reward_gain", "kl", "canaries"}
+    assert all(c["value"] is not None for c in checks.values())
+    assert checks["kl"]["value"] > 0.1 and checks["kl"]["passed"]
+    assert verdict["canary_answers"][0]["prompt"] == "Say apple." and isinstance(verdict["passed"], bool)
+    strict = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS[:4], cfg=GateConfig(**{**cfg.__dict__, "min_rm_accuracy": 1.01, "max_kl": 0.0}))
+    assert not strict["passed"] and not strict["checks"]["rm_accuracy"]["passed"] and not strict["checks"]["kl"]["passed"]
+    no_rm = evaluate_adapter(tiny_model_dir, sft_dir, cfg=cfg)
+    assert no_rm["checks"]["reward_gain"]["passed"] is None and no_rm["checks"]["rm_accuracy"]["passed"] is None
+
+
+@pytest.fixture
+def cli():
+    from loopchat.commands.train import eval_command, train
+
+    group = click.Group("loopchat", commands={"train": train, "eval": eval_command})
+    return lambda *args: CliRunner().invoke(group, [str(a) for a in args])
+
+
+def test_cli_bad_input_is_one_line(cli, tiny_model_dir, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps(DEMOS[0]) + "\n{not json\n")
+    result = cli("train", "sft", "--model", tiny_model_dir, "--data-dir", tmp_path, "--data", bad, "-q")
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
+    result = cli("train", "ppo", "--model", tiny_model_dir, "--data-dir", tmp_path, "--reward-model", tmp_path, "--prompts", bad)
+    assert result.exit_code == 1 and "not a reward model directory" in result.output and "Traceback" not in result.output
+    result = cli("eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--adapter", tmp_path)
+    assert result.exit_code == 1 and "not a peft adapter folder" in result.output
+
+
+def test_cli_steps_chain_and_publish(cli, tiny_model_dir, rm_run, tmp_path):
+    rm_dir, _ = rm_run
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("\n".join(json.dumps(d) for d in DEMOS) + "\n")
+    base = ("--model", tiny_model_dir, "--data-dir", tmp_path)
+    result = cli("train", "sft", *base, "--data", demos, "--out", tmp_path / "sft", "--steps", "1", "--publish", "-q")
+    assert result.exit_code == 0, result.output
+    result = cli("train", "ppo", *base, "--reward-model", rm_dir, "--prompts", prompts, "--init-adapter", tmp_path / "adapters" / "v1",
+                 "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4", "--out", tmp_path / "ppo", "--publish", "-q")
+    assert result.exit_code == 0, result.output
+    assert list_versions(tmp_path / "adapters") == [1, 2] and load_manifest(tmp_path / "adapters" / "v2")["parent_version"] == 1
+    result = cli("eval", *base, "--adapter", tmp_path / "adapters" / "v2", "--reward-model", rm_dir, "--prompts", prompts)
+    assert "rm_accuracy" in result.output and "reward_gain" in result.output and "gate: " in result.output
+    assert result.exit_code == (0 if "gate: PASSED" in result.output else 1)

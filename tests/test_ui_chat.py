@@ -1,0 +1,133 @@
+"""The browser UI's Chat tab in real headless Chromium against a real gateway and model:
+streamed answers, thumbs with reasons, corrections, history with its feedback restored,
+two sessions at once, and signing in when the gateway needs keys."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from playwright.sync_api import expect
+
+from conftest import LOOPCHAT, ROOT, free_port
+
+pytestmark = pytest.mark.slow
+ARTIFACTS = Path(__file__).parent / "artifacts"
+ANSWER_TIMEOUT = 120_000
+
+
+def set_max_tokens(page, n: int) -> None:
+    page.get_by_text("Settings", exact=True).click()
+    box = page.locator("#max-tokens input[type=number]")
+    box.fill(str(n))
+    box.press("Tab")
+    page.wait_for_function(f"document.querySelector('#max-tokens input[type=range]').value == '{n}'")
+
+
+def send(page, text: str) -> None:
+    page.locator("#message textarea").fill(text)
+    page.locator("#message textarea").press("Enter")
+
+
+def wait_answered(page, title: str) -> None:
+    """An answer is finished once its conversation is saved to the History list."""
+    page.locator("#history label", has_text=title).wait_for(timeout=ANSWER_TIMEOUT)
+
+
+def user_of(page) -> str:
+    page.wait_for_selector("#banner strong")
+    return page.inner_text("#banner strong")
+
+
+def completions(server, user: str) -> list:
+    with server.db() as db:
+        return db.execute("SELECT * FROM completions WHERE user = ? ORDER BY created_at", [user]).fetchall()
+
+
+def feedback_row(server, completion_id: str):
+    with server.db() as db:
+        return db.execute("SELECT f.*, c.content AS correction FROM feedback f LEFT JOIN corrections c "
+                          "ON c.feedback_id = f.id WHERE f.completion_id = ?", [completion_id]).fetchone()
+
+
+def watch_streaming(page) -> None:
+    """Records every distinct text the last answer shows while it streams in (window.__seen)."""
+    page.evaluate("""() => {
+        window.__seen = new Set();
+        new MutationObserver(() => {
+            const bots = document.querySelectorAll('#chatbot .bot .message-content');
+            if (bots.length) window.__seen.add(bots[bots.length - 1].innerText);
+        }).observe(document.querySelector('#chatbot'), {subtree: true, childList: true, characterData: true});
+    }""")
+
+
+def wait_idle(page) -> None:
+    """Waits for the answer just asked for: the composer is disabled while it is written."""
+    expect(page.locator("#regenerate")).to_be_disabled()
+    expect(page.locator("#regenerate")).to_be_enabled(timeout=ANSWER_TIMEOUT)
+
+
+def answer_buttons(page):
+    """The buttons under the last answer (copy, edit, thumbs)."""
+    return page.locator("#chatbot .message-buttons-left").last
+
+
+def rate(page, label: str) -> None:
+    answer_buttons(page).get_by_role("button", name=label, exact=True).click()
+    expect(page.locator("#chat-status")).to_contain_text("rating was saved")
+
+
+def test_chat_streams_rates_corrects_and_restores_history(vllm_gateway, open_page):
+    page = open_page(vllm_gateway.url + "/ui/")
+    user = user_of(page)
+    assert user.startswith("web-")
+    set_max_tokens(page, 32)
+
+    # a streamed answer, stored under this browser's own identity
+    watch_streaming(page)
+    send(page, "Name three colors.")
+    wait_answered(page, "Name three colors.")
+    assert page.locator("#chatbot .bot .message-content").last.inner_text().strip()
+    assert page.evaluate("window.__seen.size") >= 3, "the answer did not arrive as a stream"
+    [first] = completions(vllm_gateway, user)
+    assert first["status"] == "complete" and "Name three colors." in first["messages"]
+
+    # Regenerate replaces the answer with a new completion
+    page.locator("#regenerate").click()
+    wait_idle(page)
+    expect(page.locator("#chatbot .bot")).to_have_count(1)
+    first, second = completions(vllm_gateway, user)
+    assert second["messages"] == first["messages"]
+
+    # thumbs up, then down with a reason and a comment (re-posting replaces)
+    rate(page, "Like")
+    assert feedback_row(vllm_gateway, second["id"])["rating"] == 1
+    rate(page, "Dislike")
+    page.locator("#reason label", has_text="too long").click()
+    page.locator("#comment textarea").fill("it rambles")
+    page.locator("#send-feedback").click()
+    expect(page.locator("#chat-status")).to_contain_text("comments were saved")
+    row = feedback_row(vllm_gateway, second["id"])
+    assert (row["rating"], row["reason"], row["comment"]) == (-1, "too long", "it rambles")
+
+    # Edit: the user writes the better answer, stored as a correction
+    answer_buttons(page).get_by_role("button", name="Edit", exact=True).click()
+    page.locator("#chatbot textarea").fill("Red, green and blue.")
+    page.locator("#chatbot").get_by_role("button", name="Submit").click()
+    expect(page.locator("#chat-status")).to_contain_text("better answer was saved")
+    row = feedback_row(vllm_gateway, second["id"])
+    assert (row["rating"], row["reason"], row["correction"]) == (-1, "too long", "Red, green and blue.")
+    page.screenshot(path=ARTIFACTS / "ui-chat.png", full_page=True)
+
+    # history survives a reload of the page, and the thumb given earlier is shown again
+    page.locator("#new-chat").click()
+    expect(page.locator("#chatbot .bot")).to_have_count(0)
+    page.reload()
+    assert user_of(page) == user
+    page.locator("#history label", has_text="Name three colors.").click()
+    expect(page.locator("#chatbot .bot-row").last).to_contain_text("Red, green and blue.")
+    expect(answer_buttons(page).get_by_role("button", name="Disliked")).to_be_visible()
+    page.screenshot(path=ARTIFACTS / "ui-chat-history.png", full_page=True)

@@ -1,0 +1,151 @@
+"""The promotion gate: is a freshly trained adapter good enough to serve?
+
+Four checks, each with its figure and threshold (a check without its inputs is skipped):
+  rm_accuracy  the reward model's held-out pair accuracy is above `min_rm_accuracy`
+               (a reward model that cannot rank held-out pairs must not steer a policy);
+  reward_gain  on held-out prompts, the candidate's mean normalised RM score beats the
+               serving policy's (or the base model's) by at least `min_reward_gain`;
+  kl           the candidate's KL to the reference (the base model), nats per response on its
+               own samples, is under `max_kl` (a guard against reward hacking and drift);
+  canaries     every canary prompt gets a non-empty answer that ends with EOS (greedy).
+One base model is loaded; the candidate, the baseline adapter and the base itself are
+switched with peft's adapter controls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from train import common, data
+from train.ppo import generate, response_logprobs
+
+
+@dataclass
+class GateConfig:
+    min_rm_accuracy: float = 0.6
+    min_reward_gain: float = 0.0  # normalised RM units (std of training rewards)
+    max_kl: float = 10.0  # nats per response
+    max_prompts: int = 64  # held-out prompts used for reward and KL
+    batch_size: int = 16
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    canaries: tuple[str, ...] = ("Hello! Who are you?", "What is the capital of France?", "Say thank you in one short sentence.")
+    canary_max_new_tokens: int = 128
+    seed: int = 0
+    dtype: str = "auto"
+
+
+def _check(value, threshold, passed) -> dict:
+    return {"value": value, "threshold": threshold, "passed": passed}
+
+
+def _skipped(why: str) -> dict:
+    return {"value": None, "threshold": None, "passed": None, "skipped": why}
+
+
+def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, temperature: float, max_new_tokens: int) -> list[dict]:
+    """Generate with one adapter active (None = the base model), batch by batch, seeded."""
+    torch.manual_seed(cfg.seed)
+    if adapter is not None:
+        model.set_adapter(adapter)
+    out = []
+    for i in range(0, len(prompts), cfg.batch_size):
+        if adapter is None:
+            with model.disable_adapter():
+                out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, temperature))
+        else:
+            out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, temperature))
+    return out
+
+
+@torch.no_grad()
+def _kl(model, batches, temperature: float) -> float:
+    """KL(policy || reference) in nats per response on the active adapter's own samples: the
+    exact KL between the two next-token distributions, summed over each response's tokens
+    (never negative, far less noisy than averaging log-ratios of the sampled tokens)."""
+    per_seq = []
+    for b in batches:
+        args = (b["seq"], b["attn"], b["prompt_len"], temperature)
+        logp, _ = response_logprobs(model, *args)
+        with model.disable_adapter():
+            ref, _ = response_logprobs(model, *args)
+        per_token = (logp.exp() * (logp - ref)).sum(-1)
+        per_seq.append((per_token * b["mask"]).sum(1))
+    return float(torch.cat(per_seq).mean())
+
+
+def evaluate_adapter(
+    model_dir: str | Path,
+    adapter_dir: str | Path,
+    *,
+    reward_model=None,
+    prompts=None,
+    baseline_adapter: str | Path | None = None,
+    heldout_pairs=None,
+    cfg: GateConfig | None = None,
+) -> dict:
+    """Run the gate on `adapter_dir` and return the verdict:
+
+        {"passed": bool, "checks": {name: {"value", "threshold", "passed"[, "skipped"]}},
+         "figures": {...}, "canary_answers": [...], "config": {...}}
+
+    `reward_model`: a train.reward.RewardModel or its directory (needed for rm_accuracy and
+    reward_gain). `prompts`: held-out prompts (JSONL path or rows); without them the canaries
+    stand in for the KL check. `baseline_adapter`: the serving adapter to beat (None = base).
+    `heldout_pairs`: pairs to measure the RM's accuracy on, instead of the figure it recorded."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from train.reward import RewardModel
+
+    cfg = cfg or GateConfig()
+    device = common.pick_device()
+    common.quiet_transformers()
+    tokenizer = common.load_tokenizer(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=common.pick_dtype(device, cfg.dtype))
+    model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="candidate").to(device).eval()
+    if baseline_adapter is not None:
+        model.load_adapter(str(baseline_adapter), adapter_name="baseline")
+    if reward_model is not None and not isinstance(reward_model, RewardModel):
+        reward_model = RewardModel(reward_model, model_dir)
+    held_out = data.read_prompts(prompts)[: cfg.max_prompts] if prompts is not None else []
+    canaries = [[{"role": "user", "content": c}] for c in cfg.canaries]
+    checks, figures = {}, {}
+
+    if reward_model is None:
+        checks["rm_accuracy"] = _skipped("no reward model")
+    else:
+        acc = reward_model.accuracy_on(heldout_pairs) if heldout_pairs is not None else reward_model.accuracy
+        checks["rm_accuracy"] = _check(acc, cfg.min_rm_accuracy, acc is not None and acc > cfg.min_rm_accuracy)
+
+    kl_prompts = held_out or canaries
+    candidate = _samples(model, tokenizer, kl_prompts, cfg, "candidate", cfg.temperature, cfg.max_new_tokens)
+    model.set_adapter("candidate")
+    kl = _kl(model, candidate, cfg.temperature)
+    checks["kl"] = _check(kl, cfg.max_kl, kl < cfg.max_kl)
+
+    if reward_model is None or not held_out:
+        checks["reward_gain"] = _skipped("no reward model" if reward_model is None else "no held-out prompts")
+    else:
+        texts = [t for b in candidate for t in b["texts"]]
+        baseline = _samples(model, tokenizer, held_out, cfg, "baseline" if baseline_adapter else None, cfg.temperature, cfg.max_new_tokens)
+        base_texts = [t for b in baseline for t in b["texts"]]
+        new_score = float(reward_model(held_out, texts).mean())
+        old_score = float(reward_model(held_out, base_texts).mean())
+        figures.update(reward_candidate=new_score, reward_baseline=old_score, baseline="serving adapter" if baseline_adapter else "base model")
+        gain = new_score - old_score
+        checks["reward_gain"] = _check(gain, cfg.min_reward_gain, gain >= cfg.min_reward_gain)
+
+    answers = _samples(model, tokenizer, canaries, cfg, "candidate", 0.0, cfg.canary_max_new_tokens)
+    texts = [t for b in answers for t in b["texts"]]
+    ended = [bool(e) for b in answers for e in b["ended"]]
+    canary_answers = [{"prompt": c, "answer": t, "ended": e} for c, t, e in zip(cfg.canaries, texts, ended)]
+    good = sum(1 for a in canary_answers if a["answer"].strip() and a["ended"])
+    checks["canaries"] = _check(good, len(canary_answers), good == len(canary_answers))
+
+    figures.update(held_out_prompts=len(held_out), kl_on="held-out prompts" if held_out else "canaries")
+    passed = all(c["passed"] for c in checks.values() if c["passed"] is not None)
+    return {"passed": passed, "checks": checks, "figures": figures, "canary_answers": canary_answers, "config": asdict(cfg)}

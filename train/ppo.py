@@ -1,0 +1,350 @@
+"""PPO on the policy's LoRA adapter against a pluggable reward function (InstructGPT step 3).
+
+One step:
+  1. rollout: sample `batch_size` responses at `temperature` (responses stop at EOS or at
+     `max_new_tokens`);
+  2. score: reward_fn(prompts, responses) (the reward model, or any rule), minus
+     `missing_eos_penalty` for responses that never ended;
+  3. one no-grad pass of the policy (log-probs at the same temperature, values, entropy)
+     and one of the reference (the same model with the adapter disabled: no second copy);
+  4. per-token reward = -kl_coef * (logp - logp_ref), plus the score at the last token;
+     GAE with gamma=1, lambda=0.95; advantages whitened over the batch;
+  5. `ppo_epochs` passes over `minibatches` minibatches of the clipped policy loss plus the
+     clipped value loss.
+If the KL to the reference (nats per response) ever rises more than `kl_stop` above where the
+starting adapter was, the adapter is put back to its last state under that bound and training
+stops (the reference is the base model, so an adapter continued from earlier cycles starts
+with some KL of its own).
+
+The value head is a linear layer on the policy's own final hidden states (a shared trunk,
+as in the original InstructGPT-era TRL), initialised from the reward model's head rescaled
+to its normalised score. Why: a separate value model would double memory and compute (it is
+what makes TRL's PPO ~2x heavier), and a reward head already knows how to read this base
+model's hidden states, so the first value estimates are in the right range and scale. It is
+saved next to the adapter as `value_head.safetensors`, never inside the adapter that vLLM serves.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from train import common, data
+from train.sft import lora_config
+
+RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
+VALUE_HEAD_FILE = "value_head.safetensors"
+
+
+@dataclass
+class PPOConfig:
+    steps: int = 20  # rollout + update iterations
+    batch_size: int = 16  # responses per rollout
+    minibatches: int = 2
+    ppo_epochs: int = 2
+    max_new_tokens: int = 64
+    max_prompt_len: int = 512  # longer prompts keep their end
+    temperature: float = 0.7
+    lr: float = 5e-5
+    kl_coef: float = 0.05
+    target_kl: float | None = None  # nats per response; set it for an adaptive coefficient
+    kl_horizon: int = 10_000
+    kl_stop: float = 8.0  # nats per response above the starting adapter's KL: beyond it training stops
+    missing_eos_penalty: float = 1.0
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    gamma: float = 1.0
+    lam: float = 0.95
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.0
+    target_modules: tuple[str, ...] = common.LORA_TARGETS
+    seed: int = 0
+    dtype: str = "auto"
+
+
+# ---------------------------------------------------------------- the maths, on plain tensors
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (x * mask).sum() / mask.sum().clamp(min=1)
+
+
+def whiten(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    return (x - mean) * torch.rsqrt(var + 1e-8) * mask
+
+
+def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float):
+    """(advantages, returns) over [batch, tokens]; positions where mask == 0 are past the end."""
+    rewards, values = rewards * mask, values * mask
+    adv = torch.zeros_like(rewards)
+    running = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        next_value = values[:, t + 1] if t + 1 < rewards.shape[1] else 0.0
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        running = delta + gamma * lam * running
+        adv[:, t] = running
+    return adv * mask, (adv + values) * mask
+
+
+def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
+    """-kl_coef * KL at every token, plus the sequence's score at its last token."""
+    rewards = -kl_coef * kl * mask
+    last = mask.sum(1).long() - 1
+    rewards[torch.arange(len(scores)), last] += scores
+    return rewards
+
+
+def truncate_at_eos(responses: torch.Tensor, eos_id: int, pad_id: int):
+    """(responses with everything after the first EOS set to pad, mask of kept tokens, ended)."""
+    is_eos = responses == eos_id
+    after = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return responses.masked_fill(after, pad_id), (~after).float(), is_eos.any(1)
+
+
+class AdaptiveKL:
+    """Ziegler et al. 2019: move the KL coefficient so the KL per response tracks a target."""
+
+    def __init__(self, coef: float, target: float | None, horizon: int):
+        self.coef, self.target, self.horizon = coef, target, horizon
+
+    def update(self, kl: float, n: int) -> None:
+        if self.target is not None:
+            error = max(-0.2, min(0.2, kl / self.target - 1))
+            self.coef *= 1 + error * n / self.horizon
+
+
+# ---------------------------------------------------------------- model passes
+
+
+class ValueHead(torch.nn.Module):
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.linear = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.linear.weight)
+        torch.nn.init.zeros_(self.linear.bias)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.linear(hidden.float()).squeeze(-1)
+
+
+def response_logprobs(model, seq, attn, prompt_len: int, temperature: float):
+    """(log-softmax over the vocabulary at `temperature` for every response position, the
+    hidden states those come from). Only response positions go through the LM head."""
+    trunk, head = common.backbone_and_head(model)
+    hidden = common.last_hidden(trunk, seq, attn)[:, prompt_len - 1 : -1]
+    return F.log_softmax(head(hidden).float() / temperature, -1), hidden
+
+
+def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float, with_entropy: bool = False):
+    """Per response token: log-prob at `temperature`, value of the state before it (None when
+    value_head is None), and optionally the entropy of the sampling distribution."""
+    logprobs_all, hidden = response_logprobs(model, seq, attn, prompt_len, temperature)
+    logprobs = logprobs_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    values = value_head(hidden) if value_head is not None else None
+    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) if with_entropy else None
+    return logprobs, values, entropy
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float, max_prompt_len: int = 512) -> dict:
+    """Sample one response per prompt (temperature 0 = greedy). Responses are cut after their
+    first EOS; `seq`/`attn` are the left-padded prompts followed by the responses."""
+    model.eval()
+    rows = [common.encode_prompt(tokenizer, p)[-max_prompt_len:] for p in prompts]
+    ids = common.pad_left(rows, tokenizer.pad_token_id).to(model.device)
+    attn = common.pad_left([[1] * len(r) for r in rows], 0).to(model.device)
+    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
+    out = model.generate(
+        input_ids=ids,
+        attention_mask=attn,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **sampling,
+    )
+    P = ids.shape[1]
+    responses, mask, ended = truncate_at_eos(out[:, P:], tokenizer.eos_token_id, tokenizer.pad_token_id)
+    return {
+        "seq": torch.cat([ids, responses], 1),
+        "attn": torch.cat([attn, torch.ones_like(responses)], 1),
+        "prompt_len": P,
+        "responses": responses,
+        "mask": mask,
+        "ended": ended,
+        "texts": tokenizer.batch_decode(responses, skip_special_tokens=True),
+    }
+
+
+@torch.no_grad()
+def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, cfg: PPOConfig, kl_coef: float) -> dict:
+    """Sample, score and evaluate one batch; everything PPO's update needs."""
+    batch = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_len)
+    seq, attn, P, responses, mask, ended = (batch[k] for k in ("seq", "attn", "prompt_len", "responses", "mask", "ended"))
+    raw_scores = torch.as_tensor(reward_fn(prompts, batch["texts"]), dtype=torch.float32).reshape(-1).to(seq.device)
+    scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
+
+    logprobs, values, entropy = forward(model, value_head, seq, attn, P, responses, cfg.temperature, with_entropy=True)
+    with model.disable_adapter():
+        ref_logprobs, _, _ = forward(model, None, seq, attn, P, responses, cfg.temperature)
+    kl = (logprobs - ref_logprobs) * mask
+    rewards = token_rewards(scores, kl, mask, kl_coef)
+    adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
+    return {
+        **batch,
+        "logprobs": logprobs,
+        "values": values * mask,
+        "advantages": whiten(adv, mask),
+        "returns": returns,
+        "stats": {
+            "score": float(raw_scores.mean()),
+            "kl": float(kl.sum(1).mean()),
+            "entropy": float(masked_mean(entropy, mask)),
+            "eos_rate": float(ended.float().mean()),
+            "response_len": float(mask.sum(1).mean()),
+        },
+    }
+
+
+def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generator: torch.Generator) -> dict:
+    """`ppo_epochs` passes of clipped policy + value loss over shuffled minibatches."""
+    model.train()
+    n = batch["seq"].shape[0]
+    size = max(1, n // cfg.minibatches)
+    sums: dict[str, float] = {}
+    count = 0
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator)
+        for start in range(0, n, size):
+            i = order[start : start + size].to(batch["seq"].device)
+            mask, adv, old_logp, old_v, ret = (batch[k][i] for k in ("mask", "advantages", "logprobs", "values", "returns"))
+            logp, v, _ = forward(model, value_head, batch["seq"][i], batch["attn"][i], batch["prompt_len"], batch["responses"][i], cfg.temperature)
+            logratio = (logp - old_logp) * mask
+            ratio = logratio.exp()
+            pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)), mask)
+            v_clipped = old_v + (v - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
+            vf_loss = 0.5 * masked_mean(torch.max((v - ret) ** 2, (v_clipped - ret) ** 2), mask)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            with torch.no_grad():
+                step_stats = {
+                    "pg_loss": pg_loss.item(),
+                    "vf_loss": vf_loss.item(),
+                    "clipfrac": float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask)),
+                    "approx_kl": float(0.5 * masked_mean(logratio**2, mask)),
+                }
+            for k, val in step_stats.items():
+                sums[k] = sums.get(k, 0.0) + val
+            count += 1
+    return {k: val / count for k, val in sums.items()}
+
+
+# ---------------------------------------------------------------- the run
+
+
+def lora_state(model) -> dict[str, torch.Tensor]:
+    return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
+
+
+def train_ppo(
+    model_dir: str | Path,
+    prompts,
+    out_dir: str | Path,
+    reward_fn: RewardFn,
+    cfg: PPOConfig | None = None,
+    *,
+    init_adapter: str | Path | None = None,
+    value_head_from: str | Path | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Optimise a LoRA policy with PPO and save the adapter (peft format) in `out_dir`.
+
+    `prompts`: a JSONL path or in-memory rows (see train.data.read_prompts).
+    `reward_fn(prompts, responses) -> tensor`: e.g. a train.reward.RewardModel.
+    `init_adapter`: start from this adapter (e.g. the serving one or the SFT output).
+    `value_head_from`: a reward model dir to initialise the value head from (defaults to the
+    reward function's own directory when it is a RewardModel; else the head starts at zero).
+    Returns metrics (first/last step figures, stop reason); per-step lines in metrics.jsonl."""
+    from safetensors.torch import save_file
+
+    from train.reward import value_head_init
+
+    cfg = cfg or PPOConfig()
+    out_dir = Path(out_dir)
+    all_prompts = data.read_prompts(prompts)
+    if not all_prompts:
+        raise data.DataError("no prompts to train on")
+    common.seed_all(cfg.seed)
+    device = common.pick_device()
+    dtype = common.pick_dtype(device, cfg.dtype)
+    tokenizer = common.load_tokenizer(model_dir)
+    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
+    value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)
+    value_head_from = value_head_from or getattr(reward_fn, "path", None)
+    if value_head_from is not None:
+        weight, bias = value_head_init(value_head_from)
+        value_head.linear.weight.data.copy_(weight.reshape(1, -1))
+        value_head.linear.bias.data.fill_(bias)
+    params = [p for p in model.parameters() if p.requires_grad] + list(value_head.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    kl_ctl = AdaptiveKL(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon)
+    gen = torch.Generator().manual_seed(cfg.seed)
+
+    def prompt_stream():
+        while True:
+            for i in torch.randperm(len(all_prompts), generator=gen).tolist():
+                yield all_prompts[i]
+
+    stream = prompt_stream()
+    log = common.RunLog(out_dir, cfg.steps, "ppo", quiet)
+    history, stop = [], "steps done"
+    safe = lora_state(model)
+    for step in range(1, cfg.steps + 1):
+        started = time.monotonic()
+        prompts_now = [next(stream) for _ in range(cfg.batch_size)]
+        batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef)
+        stats = batch["stats"]
+        kl_bound = stats["kl"] + cfg.kl_stop if step == 1 else kl_bound
+        if stats["kl"] > kl_bound:
+            # The last update went too far from the reference: undo it and stop.
+            with torch.no_grad():
+                for k, p in model.named_parameters():
+                    if k in safe:
+                        p.copy_(safe[k])
+            stop = f"KL {stats['kl']:.2f} > bound {kl_bound:.2f} at step {step}: reverted to the previous step"
+            log.step(step, **stats, kl_coef=kl_ctl.coef, stopped=True)
+            break
+        safe = lora_state(model)
+        stats.update(update(model, value_head, opt, params, batch, cfg, gen))
+        stats["kl_coef"] = kl_ctl.coef
+        kl_ctl.update(stats["kl"], cfg.batch_size)
+        seconds = time.monotonic() - started
+        stats.update(seconds=round(seconds, 3), samples_per_s=round(cfg.batch_size / seconds, 3))
+        history.append(stats)
+        log.step(step, **stats)
+    log.close()
+
+    model.save_pretrained(str(out_dir))
+    save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
+    common.write_json(out_dir / "train_config.json", {"step": "ppo", "model": str(model_dir), "init_adapter": init_adapter, **asdict(cfg)})
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    return {
+        "steps": len(history),
+        "stop": stop,
+        "score_first": first.get("score"),
+        "score_last": last.get("score"),
+        "kl_last": last.get("kl"),
+        "kl_bound": kl_bound,
+        "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history) if history else None,
+    }
