@@ -206,3 +206,20 @@ def count_new_feedback(store: Store, since_ts: float) -> dict[str, int]:
         return store.rows(f"SELECT count(*) AS n FROM {table} WHERE created_at > ?", [since_ts])[0]["n"]
 
     return {"thumbs": count("feedback"), "comparisons": count("votes"), "corrections": count("corrections")}
+
+
+def build_prompts(store: Store, split: str = "all", limit: int = 512) -> list[dict]:
+    """Distinct conversations users asked about, newest first, as `{"prompt": messages}` (PPO's input)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}")
+    seen, out = set(), []
+    for row in store.rows("SELECT conversation, messages FROM completions ORDER BY created_at DESC"):
+        if row["conversation"] in seen or (split != "all" and split_of(row["conversation"]) != split):
+            continue
+        prompt = json.loads(row["messages"])
+        if all(m.get("role") in ROLES for m in prompt):
+            seen.add(row["conversation"])
+            out.append({"prompt": prompt})
+            if len(out) >= limit:
+                break
+    return out

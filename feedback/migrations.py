@@ -116,9 +116,56 @@ def v2_feedback(db: sqlite_utils.Database) -> None:
     db["votes"].create_index(["created_at"])
 
 
+def v3_cycles_and_adapters(db: sqlite_utils.Database) -> None:
+    db["cycles"].create(
+        {
+            "id": int,
+            "state": str,  # queued building_data sft reward_model ppo evaluating published promoted|rejected|failed|cancelled
+            "trigger": str,  # manual | scheduled
+            "created_at": float,
+            "started_at": float,
+            "finished_at": float,
+            "duration_s": float,
+            "steps": str,  # JSON: {step: {"duration_s", ...figures}}
+            "n_sft": int,
+            "n_pairs": int,
+            "n_prompts": int,
+            "rm_accuracy": float,
+            "mean_reward": float,
+            "kl": float,
+            "gate": str,  # pass | fail
+            "version": str,
+            "error": str,
+            "worker": str,  # host:pid of the worker running it
+            "heartbeat_at": float,
+            "cancel_requested": int,
+        },
+        pk="id",
+        not_null={"state", "trigger", "created_at"},
+        defaults={"cancel_requested": 0},
+    )
+    db["cycles"].create_index(["created_at"])
+    # At most one cycle is active at a time, whichever worker or client asks for one.
+    db.execute("CREATE UNIQUE INDEX one_active_cycle ON cycles ((1)) WHERE state NOT IN "
+               "('promoted', 'rejected', 'failed', 'cancelled')")
+    db["adapters"].create(
+        {"version": str, "path": str, "parent": str, "created_at": float, "cycle_id": int, "manifest": str},
+        pk="version",
+        foreign_keys=[("cycle_id", "cycles", "id")],
+        not_null={"path", "created_at"},
+    )
+    db["promotions"].create(  # the alias history: the newest row names what `loopchat` serves
+        {"id": int, "version": str, "action": str, "by_user": str, "at": float},
+        pk="id",
+        foreign_keys=[("version", "adapters", "version")],
+        not_null={"action", "at"},
+    )
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     v1_completions_and_keys,
     v2_feedback,
+    v3_cycles_and_adapters,
 ]
 
 

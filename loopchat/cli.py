@@ -7,8 +7,10 @@ import click
 from loopchat import __version__
 from loopchat.commands.feedback import export, feedback, users
 from loopchat.commands.keys import keys
+from loopchat.commands.loop import cycle, worker
 from loopchat.commands.model import model
 from loopchat.commands.serve import serve, up
+from loopchat.commands.train import eval_command, train
 from loopchat.commands.ui import ui
 
 
@@ -18,7 +20,7 @@ def cli():
     """loopchat: a chat service that gets better from its own users."""
 
 
-for command in (up, serve, model, keys, export, feedback, users, ui):
+for command in (up, serve, worker, cycle, train, eval_command, model, keys, export, feedback, users, ui):
     cli.add_command(command)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 
 from feedback import Store
-from serve import chat, errors, feedback_routes
+from serve import admin_routes, chat, errors, feedback_routes, hotswap
 from serve.auth import current_user
 from serve.engines import Engine
 from serve.metrics import Metrics, MetricsAndLimits
@@ -38,7 +39,7 @@ async def healthz():
 @router.get("/readyz")
 async def readyz(request: Request):
     state = request.app.state
-    if await state.engine.ready():
+    if await state.engine.ready() and not state.registry.restoring:
         return {"status": "ready", "engine": state.engine.kind, "serving": state.registry.serving}
     raise errors.APIError(503, f"The {state.engine.kind} engine is not ready yet.", code="engine_unavailable")
 
@@ -59,9 +60,11 @@ def create_app(store: Store, engine: Engine, config: GatewayConfig | None = None
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         await engine.start()
+        restoring = asyncio.create_task(hotswap.restore(app.state))
         try:
             yield
         finally:
+            restoring.cancel()
             await engine.stop()
 
     app = FastAPI(title="loopchat", version="0.1.0", lifespan=lifespan)
@@ -70,10 +73,12 @@ def create_app(store: Store, engine: Engine, config: GatewayConfig | None = None
     app.state.registry = Registry(engine.served_name)
     app.state.metrics = Metrics()
     app.state.keys_required = config.keys_required
+    app.state.swap_lock = asyncio.Lock()
     app.state.feedback_limiter = SlidingWindow(config.feedback_rate_limit)
     errors.install(app)
     app.include_router(router)
     app.include_router(chat.router)
     app.include_router(feedback_routes.router)
+    app.include_router(admin_routes.router)
     app.add_middleware(MetricsAndLimits, metrics=app.state.metrics, max_body_bytes=config.max_body_bytes)
     return app

@@ -23,6 +23,7 @@ class Registry:
         self.alias_target: str | None = None  # an engine adapter name; None = the base model
         self.loaded: dict[str, str] = {}  # engine adapter name -> adapter directory
         self.inflight: Counter[str] = Counter()
+        self.restoring = True  # until the promoted version is back after a start
         self._drained = asyncio.Event()
 
     @property
@@ -31,6 +32,9 @@ class Registry:
 
     def resolve(self, model: str) -> str:
         if model == ALIAS:
+            if self.restoring:
+                raise APIError(503, "The serving policy is being restored; try again shortly.",
+                               code="engine_unavailable")
             return self.serving
         if model == self.base_name or model in self.loaded:
             return model

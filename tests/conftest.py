@@ -99,7 +99,7 @@ def model_dir() -> Path:
 def vllm_gateway(model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("vllm-gw")
     port, engine_port = free_port(), free_port()
-    server = Server(["up", "--engine", "vllm", "--port", str(port), "--engine-port", str(engine_port),
+    server = Server(["up", "--no-worker", "--engine", "vllm", "--port", str(port), "--engine-port", str(engine_port),
                      "--data-dir", str(data), "--model", str(model_dir)], data, port)
     server.engine_url = f"http://127.0.0.1:{engine_port}"
     yield server.start()
@@ -110,7 +110,7 @@ def vllm_gateway(model_dir, tmp_path_factory):
 def hf_gateway(model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("hf-gw")
     port = free_port()
-    server = Server(["up", "--engine", "transformers", "--port", str(port), "--data-dir", str(data),
+    server = Server(["up", "--no-worker", "--no-ui", "--engine", "transformers", "--port", str(port), "--data-dir", str(data),
                      "--model", str(model_dir)], data, port)
     yield server.start()
     server.stop()

@@ -4,6 +4,7 @@ two sessions at once, and signing in when the gateway needs keys."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -19,12 +20,14 @@ ARTIFACTS = Path(__file__).parent / "artifacts"
 ANSWER_TIMEOUT = 120_000
 
 
-def set_max_tokens(page, n: int) -> None:
-    page.get_by_text("Settings", exact=True).click()
-    box = page.locator("#max-tokens input[type=number]")
-    box.fill(str(n))
+def set_slider(page, elem_id: str, value: float) -> None:
+    """Sets a slider in the Chat tab's Settings (opening them first)."""
+    if not page.locator(f"#{elem_id}").is_visible():
+        page.get_by_text("Settings", exact=True).click()
+    box = page.locator(f"#{elem_id} input[type=number]")
+    box.fill(str(value))
     box.press("Tab")
-    page.wait_for_function(f"document.querySelector('#max-tokens input[type=range]').value == '{n}'")
+    expect(page.locator(f"#{elem_id} input[type=range]")).to_have_value(str(value))
 
 
 def send(page, text: str) -> None:
@@ -84,7 +87,7 @@ def test_chat_streams_rates_corrects_and_restores_history(vllm_gateway, open_pag
     page = open_page(vllm_gateway.url + "/ui/")
     user = user_of(page)
     assert user.startswith("web-")
-    set_max_tokens(page, 32)
+    set_slider(page, "max-tokens", 32)
 
     # a streamed answer, stored under this browser's own identity
     watch_streaming(page)
@@ -131,3 +134,68 @@ def test_chat_streams_rates_corrects_and_restores_history(vllm_gateway, open_pag
     expect(page.locator("#chatbot .bot-row").last).to_contain_text("Red, green and blue.")
     expect(answer_buttons(page).get_by_role("button", name="Disliked")).to_be_visible()
     page.screenshot(path=ARTIFACTS / "ui-chat-history.png", full_page=True)
+
+
+def test_two_sessions_chat_at_once(vllm_gateway, open_page):
+    """While one browser's long answer streams, another browser asks and gets its answer."""
+    long, short = open_page(vllm_gateway.url + "/ui/"), open_page(vllm_gateway.url + "/ui/")
+    long_user, short_user = user_of(long), user_of(short)
+    assert long_user != short_user
+    set_slider(long, "max-tokens", 400)
+    set_slider(long, "temperature", 0)  # greedy: this prompt then runs to the 400-token limit
+    set_slider(short, "max-tokens", 32)
+
+    send(long, "Write a long story about a dragon.")
+    expect(long.locator("#chatbot .bot .message-content")).to_have_text(re.compile(r"\S"), timeout=ANSWER_TIMEOUT)
+    send(short, "Hi")
+    wait_answered(short, "Hi")
+    expect(long.locator("#regenerate")).to_be_disabled()  # the long answer is still being written
+    wait_answered(long, "Write a long story about a dragon.")
+
+    [a], [b] = completions(vllm_gateway, long_user), completions(vllm_gateway, short_user)
+    started = {name: c["created_at"] - c["latency_ms"] / 1000 for name, c in (("long", a), ("short", b))}
+    assert started["long"] < started["short"] and b["created_at"] < a["created_at"]
+
+
+@pytest.fixture
+def standalone_ui(keyed_gateway, tmp_path):
+    """`loopchat ui` on its own in front of the gateway that requires keys."""
+    port = free_port()
+    log = open(tmp_path / "ui.log", "wb")
+    proc = subprocess.Popen(LOOPCHAT + ["ui", "--gateway", keyed_gateway.url, "--port", str(port)], cwd=ROOT,
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.monotonic() + 60
+    while True:
+        assert proc.poll() is None, (tmp_path / "ui.log").read_text()
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "loopchat ui did not start"
+        time.sleep(0.5)
+    yield url
+    proc.terminate()
+    proc.wait(30)
+
+
+def test_sign_in_with_an_api_key_when_the_gateway_requires_one(keyed_gateway, standalone_ui, open_page):
+    page = open_page(standalone_ui)
+    key = page.locator("#api-key input")
+    key.fill("lc-not-a-key")
+    page.screenshot(path=ARTIFACTS / "ui-login.png")
+    page.locator("#sign-in").click()
+    expect(page.locator("#login-message")).to_contain_text("not accepted")
+    expect(page.locator("#chatbot")).to_be_hidden()
+
+    key.fill(keyed_gateway.keys["alice"])
+    page.locator("#sign-in").click()
+    expect(page.locator("#banner")).to_contain_text("Signed in")
+    set_slider(page, "max-tokens", 32)
+    send(page, "Hi")
+    wait_answered(page, "Hi")
+    assert len(completions(keyed_gateway, "alice")) == 1
+
+    page.get_by_role("tab", name="Operator").click()
+    expect(page.locator("#serving")).to_contain_text("needs an admin key")

@@ -113,8 +113,7 @@ def position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def count_trainable(model) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+SHOWN = ("loss", "accuracy", "score", "kl", "clipfrac")  # on the progress bar; metrics.jsonl gets everything
 
 
 class RunLog:
@@ -139,9 +138,6 @@ class RunLog:
     def close(self) -> None:
         self.bar.close()
         self.file.close()
-
-
-SHOWN = ("loss", "accuracy", "score", "kl", "clipfrac")
 
 
 def write_json(path: Path, data) -> None:

@@ -309,13 +309,14 @@ def train_ppo(
     stream = prompt_stream()
     log = common.RunLog(out_dir, cfg.steps, "ppo", quiet)
     history, stop = [], "steps done"
-    safe = lora_state(model)
+    safe, kl_bound = lora_state(model), None
     for step in range(1, cfg.steps + 1):
         started = time.monotonic()
         prompts_now = [next(stream) for _ in range(cfg.batch_size)]
         batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef)
         stats = batch["stats"]
-        kl_bound = stats["kl"] + cfg.kl_stop if step == 1 else kl_bound
+        if kl_bound is None:
+            kl_bound = stats["kl"] + cfg.kl_stop
         if stats["kl"] > kl_bound:
             # The last update went too far from the reference: undo it and stop.
             with torch.no_grad():

@@ -30,7 +30,7 @@ async def ask(gw: Gateway, prompt: str, max_tokens: int):
     return cmp["id"], a, b, "Which answer is better?", *vote_buttons(True)
 
 
-def voter(choice: str):
+def voter(label: str, choice: str):
     async def vote(gw: Gateway, comparison_id: str | None):
         """Returns: who wrote A, who wrote B, the next button, status, the four vote buttons."""
         try:
@@ -38,7 +38,7 @@ def voter(choice: str):
         except GatewayError as e:
             return gr.skip(), gr.skip(), gr.skip(), error_text(e), *vote_buttons(True)
         a, b = (f"Written by **{c.get('model') or 'unknown'}**" for c in result["candidates"])
-        return a, b, gr.update(visible=True), "Thanks, your vote was saved.", *vote_buttons(False)
+        return a, b, gr.update(visible=True), f"Thanks, your vote ({label}) was saved.", *vote_buttons(False)
     return vote
 
 
@@ -52,12 +52,12 @@ def build(auth: gr.State) -> None:
             max_tokens = gr.Slider(16, 1024, value=256, step=16, label="Max tokens", elem_id="compare-max-tokens")
     with gr.Row(equal_height=True):
         with gr.Column():
-            answer_a = gr.Markdown(label="Answer A", show_label=True, container=True, min_height=120,
-                                   elem_id="answer-a")
+            gr.Markdown("### Answer A")
+            answer_a = gr.Markdown(container=True, min_height=120, elem_id="answer-a")
             author_a = gr.Markdown(elem_id="author-a")
         with gr.Column():
-            answer_b = gr.Markdown(label="Answer B", show_label=True, container=True, min_height=120,
-                                   elem_id="answer-b")
+            gr.Markdown("### Answer B")
+            answer_b = gr.Markdown(container=True, min_height=120, elem_id="answer-b")
             author_b = gr.Markdown(elem_id="author-b")
     with gr.Row():
         buttons = [gr.Button(label, interactive=False) for label in VOTES]
@@ -65,8 +65,8 @@ def build(auth: gr.State) -> None:
     next_prompt = gr.Button("Next prompt", visible=False, elem_id="compare-next")
 
     get.click(ask, [auth, prompt, max_tokens], [comparison, answer_a, answer_b, status, *buttons])
-    for button, choice in zip(buttons, VOTES.values()):
-        button.click(voter(choice), [auth, comparison], [author_a, author_b, next_prompt, status, *buttons])
+    for button, (label, choice) in zip(buttons, VOTES.items()):
+        button.click(voter(label, choice), [auth, comparison], [author_a, author_b, next_prompt, status, *buttons])
     next_prompt.click(lambda: (None, "", "", "", "", "", gr.update(visible=False), ""),
                       None, [comparison, prompt, answer_a, answer_b, author_a, author_b, next_prompt, status],
                       queue=False)

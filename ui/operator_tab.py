@@ -40,7 +40,7 @@ def table(rows: list[dict], columns: list[str]) -> pd.DataFrame:
 
 def metrics_frame(cycles: list[dict]) -> pd.DataFrame:
     """Long format for the line plot: one row per (cycle, metric) that has a value, oldest cycle first."""
-    rows = [{"cycle": str(c["id"]), "metric": m, "value": float(c[m])}
+    rows = [{"cycle": c["id"], "metric": m, "value": float(c[m])}
             for c in sorted(cycles, key=lambda c: c.get("created_at") or 0) for m in METRICS
             if c.get(m) is not None]
     return pd.DataFrame(rows, columns=["cycle", "metric", "value"])

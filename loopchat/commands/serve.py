@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import os
 import socket
+import subprocess
+import sys
 
 import click
 
@@ -80,11 +83,14 @@ def serve(settings, **opts):
 
 @click.command()
 @gateway_options
+@click.option("--no-ui", is_flag=True, help="Do not serve the browser UI at /ui.")
+@click.option("--no-worker", is_flag=True, help="Do not start the retrain worker.")
+@click.option("--worker-interval", default=300.0, show_default=True, help="Seconds between the worker's checks.")
 @settings_options
-def up(settings, **opts):
+def up(settings, no_ui, no_worker, worker_interval, **opts):
     """Run everything on one machine: gateway, engine, browser UI and retrain worker."""
     host = opts["host"]
-    ui_gateway = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') or is_loopback(host) else host}:{opts['port']}"
+    local_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') or is_loopback(host) else host}:{opts['port']}"
 
     def mount_ui(app):
         import gradio as gr
@@ -92,7 +98,30 @@ def up(settings, **opts):
 
         from ui.app import build_app
 
-        gr.mount_gradio_app(app, build_app(ui_gateway), path="/ui", footer_links=[])
+        gr.mount_gradio_app(app, build_app(local_url), path="/ui", footer_links=[])
         app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
 
-    run_gateway(settings, **opts, mount=mount_ui)
+    worker = None if no_worker else start_worker(settings, local_url, worker_interval)
+    try:
+        run_gateway(settings, **opts, mount=None if no_ui else mount_ui)
+    finally:
+        if worker:
+            worker.terminate()
+            worker.wait(30)
+
+
+def start_worker(settings, gateway_url: str, interval: float) -> subprocess.Popen:
+    """The retrain worker as its own process, so training never slows serving."""
+    env = dict(os.environ)
+    store = open_store(settings)
+    if store.key_count() > 0:  # keyed gateway: the worker gets its own admin key, minted per start
+        env["LOOPCHAT_ADMIN_KEY"] = store.create_key("loopchat-worker", admin=True)
+    cmd = [sys.executable, "-m", "loopchat.cli", "worker", "--gateway", gateway_url, "--interval", str(interval),
+           "--data-dir", str(settings.data_dir)]
+    if settings.model is not None:
+        cmd += ["--model", str(settings.model)]
+    settings.ensure_dirs()
+    with open(settings.logs_dir / "worker.log", "ab") as logf:
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+    log.info("retrain worker started (pid %d, log: %s)", proc.pid, settings.logs_dir / "worker.log")
+    return proc

@@ -168,18 +168,20 @@ def ppo_command(settings, reward_model, prompts, init_adapter, batch_size, max_n
 @click.option("--prompts", type=FILE, help="Held-out prompts, JSONL.")
 @click.option("--baseline", type=DIR, help="The serving adapter to beat (default: the base model).")
 @click.option("--pairs", type=FILE, help="Held-out pairs to measure the reward model's accuracy on.")
+@click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Per answer, held-out prompts and canaries alike.")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole verdict as JSON.")
 @settings_options
-def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, as_json):
+def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_new_tokens, as_json):
     """Run the promotion gate on an adapter and print its figures; exit 1 if it fails."""
-    from train.evaluate import evaluate_adapter
+    from train.evaluate import GateConfig, evaluate_adapter
 
     from train.artifacts import check_adapter
 
     model = ensure_model(settings)
     with one_line_errors():
         check_adapter(adapter)
-        verdict = evaluate_adapter(model, adapter, reward_model=reward_model, prompts=prompts, baseline_adapter=baseline, heldout_pairs=pairs)
+        cfg = GateConfig(max_new_tokens=max_new_tokens, canary_max_new_tokens=max_new_tokens)
+        verdict = evaluate_adapter(model, adapter, reward_model=reward_model, prompts=prompts, baseline_adapter=baseline, heldout_pairs=pairs, cfg=cfg)
     if as_json:
         click.echo(json.dumps(verdict, indent=2, default=str))
     else:

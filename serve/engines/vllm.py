@@ -207,10 +207,12 @@ class VLLMEngine:
     async def _post(self, url: str, path: str, body: dict, missing_ok: bool = False) -> None:
         try:
             async with self._session.post(url + path, json=body) as r:
-                if r.status == 404 and missing_ok:
+                text = await r.text()
+                if r.status == 200 or (r.status == 404 and missing_ok):
                     return
-                if r.status != 200:
-                    raise _upstream_error(r.status, await r.text())
+                if r.status == 400 and "already been loaded" in text:
+                    return  # another gateway in front of the same server loaded it
+                raise _upstream_error(r.status, text)
         except aiohttp.ClientError as e:
             raise EngineUnavailable(f"vLLM at {url} did not answer: {e}") from e
 

@@ -1,0 +1,147 @@
+"""PPO throughput and peak memory: loopchat's trainer against trl 1.9.2's PPOTrainer, same run.
+
+Both sides get the same model, prompts, batch (16), response length (64), 1 PPO epoch and
+2 minibatches, sampling at temperature 0.7, and run `--iterations` PPO iterations. TRL gets
+what its trainer needs: a LoRA policy (the reference is the policy with the adapter off, as in
+ours), a separate value model and a separate reward model (both sequence-classification copies
+of the base). Ours: one model, a value head on the policy's trunk, and a reward model that is
+base + LoRA + head (trained for one step here; its scores do not matter for throughput).
+
+Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; the time counted
+is the PPO loop only (model loading excluded on both sides). TRL is a benchmark-only
+dependency: `pip install trl==1.9.2`.
+
+    .venv/bin/python bench/ppo_vs_trl.py [--model DIR] [--iterations 2] [--trl-dtype float32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+PROMPTS = [
+    "What is the capital of France?", "Tell me about dogs.", "How do plants grow?", "Why is the sky blue?",
+    "Give me a tip for sleeping better.", "What is a computer?", "Describe the sun.", "How do birds fly?",
+    "What is music?", "Who was Albert Einstein?", "What is water made of?", "What is a river?",
+    "Write a sentence about the sea.", "What is 12 times 12?", "Name three fruits.", "How does rain form?",
+]
+BATCH, RESPONSE_LEN, EPOCHS, MINIBATCHES, TEMPERATURE, LR = 16, 64, 1, 2, 0.7, 1e-5
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_ours(model_dir: Path, iterations: int, work: Path) -> dict:
+    from train.ppo import PPOConfig, train_ppo
+    from train.reward import RewardConfig, RewardModel, train_reward_model
+
+    pairs = [{"prompt": [{"role": "user", "content": p}], "chosen": "Sure.", "rejected": "No."} for p in PROMPTS[:4]]
+    train_reward_model(model_dir, pairs, work / "rm", RewardConfig(max_steps=1, eval_fraction=0), quiet=True)
+    rm = RewardModel(work / "rm", model_dir)
+    cfg = PPOConfig(steps=iterations, batch_size=BATCH, minibatches=MINIBATCHES, ppo_epochs=EPOCHS, max_new_tokens=RESPONSE_LEN,
+                    temperature=TEMPERATURE, lr=LR)
+    train_ppo(model_dir, PROMPTS, work / "ppo", rm, cfg, quiet=True)
+    steps = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    seconds = sum(s["seconds"] for s in steps)
+    return {"episodes": BATCH * len(steps), "seconds": seconds, "dtype": "auto (bfloat16 on AVX-512 / CUDA)"}
+
+
+def run_trl(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
+    import torch
+    from datasets import Dataset
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+
+    torch_dtype = getattr(torch, dtype)
+    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in PROMPTS]
+    dataset = Dataset.from_dict({"input_ids": ids})
+    policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)
+    value = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype)
+    reward = AutoModelForSequenceClassification.from_pretrained(model_dir, num_labels=1, dtype=torch_dtype)
+    for m in (value, reward):
+        m.config.pad_token_id = tok.pad_token_id
+    args = PPOConfig(
+        output_dir=str(work / "trl"), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1, num_mini_batches=MINIBATCHES,
+        num_ppo_epochs=EPOCHS, response_length=RESPONSE_LEN, total_episodes=BATCH * iterations, stop_token="eos",
+        temperature=TEMPERATURE, learning_rate=LR, missing_eos_penalty=1.0, num_sample_generations=0, report_to="none",
+        save_strategy="no", logging_steps=1, local_rollout_forward_batch_size=BATCH, bf16=dtype == "bfloat16", seed=0,
+    )
+    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
+    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward, train_dataset=dataset,
+                         value_model=value, peft_config=lora)
+    started = time.monotonic()
+    trainer.train()
+    return {"episodes": BATCH * iterations, "seconds": time.monotonic() - started, "dtype": dtype}
+
+
+def worker(args) -> None:
+    with tempfile.TemporaryDirectory() as work:
+        if args.worker == "ours":
+            result = run_ours(args.model, args.iterations, Path(work))
+        else:
+            result = run_trl(args.model, args.iterations, Path(work), args.trl_dtype)
+    result.update(samples_per_s=result["episodes"] / result["seconds"], peak_rss_mb=peak_rss_mb())
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def run_side(side: str, args) -> dict:
+    cmd = [sys.executable, __file__, "--worker", side, "--model", str(args.model), "--iterations", str(args.iterations), "--trl-dtype", args.trl_dtype]
+    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TQDM_DISABLE": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{side} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the prepared SmolLM2-135M-Instruct)")
+    p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--trl-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.model is None:
+        from loopchat.model import prepare
+
+        args.model = prepare(REPO / ".cache" / "models" / "SmolLM2-135M-Instruct")
+    if args.worker:
+        return worker(args)
+
+    import torch
+
+    trl_side = run_side("trl", args)
+    ours = run_side("ours", args)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} cores, no GPU"
+    print(f"device: {device}")
+    print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations")
+    print(f"{'':<10} {'samples/s':>10} {'seconds':>9} {'peak RSS MB':>12}  dtype")
+    for name, r in (("loopchat", ours), ("trl 1.9.2", trl_side)):
+        print(f"{name:<10} {r['samples_per_s']:>10.3f} {r['seconds']:>9.1f} {r['peak_rss_mb']:>12.0f}  {r['dtype']}")
+    print(f"throughput ratio (loopchat / trl): {ours['samples_per_s'] / trl_side['samples_per_s']:.2f}x")
+    print(f"peak memory ratio (loopchat / trl): {ours['peak_rss_mb'] / trl_side['peak_rss_mb']:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,177 @@
+"""Retrain cycles, published adapters and the promotion history, in the store.
+
+A cycle is a row whose `state` walks through STEPS; the database guarantees that only one
+is active at a time (a partial unique index), so two workers or an operator's click can
+never start a second one."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sqlite3
+import time
+
+from feedback.store import Store
+
+STEPS = ("queued", "building_data", "sft", "reward_model", "ppo", "evaluating", "published")
+OUTCOMES = ("promoted", "rejected", "failed", "cancelled")
+FIGURES = ("n_sft", "n_pairs", "n_prompts", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error")
+
+
+def this_worker() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def queue_cycle(store: Store, trigger: str = "manual") -> int | None:
+    """A new queued cycle's id, or None when one is already active."""
+    try:
+        with store.transaction() as db:
+            return db["cycles"].insert({"state": "queued", "trigger": trigger, "created_at": time.time(),
+                                        "steps": "{}"}).last_pk
+    except sqlite3.IntegrityError:
+        return None
+
+
+def active_cycle(store: Store) -> dict | None:
+    rows = store.rows(f"SELECT * FROM cycles WHERE state NOT IN {OUTCOMES} ORDER BY id LIMIT 1")
+    return _decode(rows[0]) if rows else None
+
+
+def claim(store: Store, cycle_id: int) -> bool:
+    """Mark a queued cycle as ours; False when another worker took it first."""
+    with store.transaction() as db:
+        cur = db.execute("UPDATE cycles SET state = 'building_data', started_at = ?, worker = ?, heartbeat_at = ? "
+                         "WHERE id = ? AND state = 'queued'", [time.time(), this_worker(), time.time(), cycle_id])
+        return cur.rowcount == 1
+
+
+def advance(store: Store, cycle_id: int, state: str, step_figures: dict | None = None, **figures) -> None:
+    """Move to `state`, recording the figures of the step just finished."""
+    assert state in STEPS + OUTCOMES, state
+    unknown = set(figures) - set(FIGURES)
+    assert not unknown, unknown
+    with store.transaction() as db:
+        row = db["cycles"].get(cycle_id)
+        steps = json.loads(row["steps"] or "{}")
+        if step_figures:
+            steps[row["state"]] = step_figures
+        update = {"state": state, "steps": json.dumps(steps), "heartbeat_at": time.time(), **figures}
+        if state in OUTCOMES:
+            update["finished_at"] = time.time()
+            update["duration_s"] = time.time() - (row["started_at"] or row["created_at"])
+        db["cycles"].update(cycle_id, update)
+
+
+def heartbeat(store: Store, cycle_id: int) -> bool:
+    """Refresh the heartbeat; False when an operator asked to cancel."""
+    store.db.execute("UPDATE cycles SET heartbeat_at = ? WHERE id = ?", [time.time(), cycle_id])
+    return not store.db["cycles"].get(cycle_id)["cancel_requested"]
+
+
+def request_cancel(store: Store, cycle_id: int) -> dict:
+    with store.transaction() as db:
+        row = db["cycles"].get(cycle_id)
+        if row["state"] == "queued":
+            db["cycles"].update(cycle_id, {"state": "cancelled", "finished_at": time.time(), "duration_s": 0})
+        elif row["state"] not in OUTCOMES:
+            db["cycles"].update(cycle_id, {"cancel_requested": 1})
+    return get_cycle(store, cycle_id)
+
+
+def fail_orphans(store: Store, stale_after_s: float = 120) -> list[int]:
+    """Cycles left active by a worker that died: failed, so the next one can start.
+
+    Dead means: same host and its pid is gone, or no heartbeat for `stale_after_s`."""
+    host = socket.gethostname()
+    failed = []
+    for row in store.rows(f"SELECT * FROM cycles WHERE state NOT IN {OUTCOMES} AND state != 'queued'"):
+        worker_host, _, pid = (row["worker"] or ":").partition(":")
+        dead = (worker_host == host and pid.isdigit() and not _pid_alive(int(pid))) or \
+            time.time() - (row["heartbeat_at"] or 0) > stale_after_s
+        if dead:
+            advance(store, row["id"], "failed", error=f"worker {row['worker']} died during {row['state']}")
+            failed.append(row["id"])
+    return failed
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:  # a zombie (killed, not yet reaped) is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return True
+
+
+def last_cycle_time(store: Store) -> float:
+    rows = store.rows("SELECT max(created_at) AS t FROM cycles WHERE state != 'cancelled'")
+    return rows[0]["t"] or 0.0
+
+
+def get_cycle(store: Store, cycle_id: int) -> dict | None:
+    rows = store.rows("SELECT * FROM cycles WHERE id = ?", [cycle_id])
+    return _decode(rows[0]) if rows else None
+
+
+def list_cycles(store: Store, limit: int = 50) -> list[dict]:
+    return [_decode(r) for r in store.rows("SELECT * FROM cycles ORDER BY id DESC LIMIT ?", [limit])]
+
+
+def _decode(row: dict) -> dict:
+    row = dict(row)
+    row["steps"] = json.loads(row["steps"] or "{}")
+    return row
+
+
+# ---- adapters and promotions -------------------------------------------------------------
+def record_adapter(store: Store, version: str, path: str, manifest: dict, cycle_id: int | None = None) -> None:
+    store.db["adapters"].upsert({"version": version, "path": path, "parent": manifest.get("parent_version"),
+                                 "created_at": time.time(), "cycle_id": cycle_id,
+                                 "manifest": json.dumps(manifest)}, pk="version")
+
+
+def get_adapter(store: Store, version: str) -> dict | None:
+    rows = store.rows("SELECT * FROM adapters WHERE version = ?", [version])
+    if not rows:
+        return None
+    row = dict(rows[0])
+    row["manifest"] = json.loads(row["manifest"] or "{}")
+    return row
+
+
+def list_adapters(store: Store) -> list[dict]:
+    return [get_adapter(store, r["version"]) for r in store.rows("SELECT version FROM adapters ORDER BY created_at")]
+
+
+def record_promotion(store: Store, version: str | None, action: str, by_user: str) -> None:
+    store.db["promotions"].insert({"version": version, "action": action, "by_user": by_user, "at": time.time()})
+
+
+def promotions(store: Store) -> list[dict]:
+    return store.rows("SELECT * FROM promotions ORDER BY id")
+
+
+def serving_version(store: Store) -> tuple[str | None, float | None]:
+    """The version the alias points at (None = the base model) and when it moved there."""
+    rows = store.rows("SELECT version, at FROM promotions ORDER BY id DESC LIMIT 1")
+    return (rows[0]["version"], rows[0]["at"]) if rows else (None, None)
+
+
+def rollback_target(store: Store) -> str | None:
+    """The version served before the current one (None = the base model).
+
+    Walks the history backwards skipping the current version, so rollback after rollback
+    keeps going back rather than bouncing between two versions."""
+    history = [r["version"] for r in promotions(store) if r["action"] == "promote"]
+    current, _ = serving_version(store)
+    if current in history:
+        history = history[:len(history) - 1 - history[::-1].index(current)]
+    return history[-1] if history else None

@@ -1,0 +1,156 @@
+"""`loopchat worker` and `loopchat cycle run|list|show|cancel`: the retrain loop."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import logging
+from pathlib import Path
+
+import click
+
+from loopchat.options import ensure_model, open_store, settings_options
+
+
+def loop_options(func):
+    options = [
+        click.option("--gateway", default="http://127.0.0.1:8000", envvar="LOOPCHAT_GATEWAY", show_default=True,
+                     help="Gateway whose admin API promotes new versions."),
+        click.option("--admin-key", envvar="LOOPCHAT_ADMIN_KEY", default=None,
+                     help="Admin API key (not needed when the gateway runs in open mode)."),
+        click.option("--no-promote", is_flag=True, help="Publish new versions but leave promotion to an operator."),
+        click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help='JSON overrides, e.g. {"ppo": {"steps": 4}, "gate": {"min_rm_accuracy": 0.7}, '
+                          '"min_pairs": 8}.'),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def cycle_config(settings, gateway, admin_key, no_promote, config_file):
+    from train.cycle import CycleConfig
+
+    overrides = json.loads(config_file.read_text()) if config_file else {}
+    base = {"model_dir": ensure_model(settings), "adapters_dir": settings.adapters_dir,
+            "gateway_url": None if no_promote else gateway.rstrip("/"), "admin_key": admin_key}
+    try:
+        return CycleConfig.from_dict(base, overrides)
+    except (AttributeError, TypeError) as e:
+        raise click.ClickException(f"{config_file}: {e}") from e
+
+
+def _logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("apscheduler").setLevel(logging.ERROR)
+
+
+@click.command()
+@loop_options
+@click.option("--interval", default=300.0, show_default=True, help="Seconds between feedback checks.")
+@click.option("--cron", default=None, help="A crontab expression instead of --interval, e.g. '0 3 * * *'.")
+@click.option("--min-thumbs", default=50, show_default=True, help="New thumbs that start a cycle (0 = never).")
+@click.option("--min-comparisons", default=20, show_default=True, help="New comparison votes that start a cycle.")
+@click.option("--min-corrections", default=10, show_default=True, help="New corrections that start a cycle.")
+@settings_options
+def worker(settings, gateway, admin_key, no_promote, config_file, interval, cron, min_thumbs, min_comparisons,
+           min_corrections):
+    """Run retrain cycles when enough feedback has arrived (or an operator asks)."""
+    from train.worker import Thresholds, Worker
+
+    _logging()
+    cfg = cycle_config(settings, gateway, admin_key, no_promote, config_file)
+    Worker(open_store(settings), cfg, Thresholds(min_thumbs, min_comparisons, min_corrections)).run_forever(
+        interval, cron)
+
+
+@click.group()
+def cycle():
+    """Run and inspect retrain cycles."""
+
+
+@cycle.command()
+@loop_options
+@settings_options
+def run(settings, gateway, admin_key, no_promote, config_file):
+    """Run one cycle now, here, and print how it ended."""
+    from feedback import cycles
+
+    _logging()
+    store = open_store(settings)
+    cfg = cycle_config(settings, gateway, admin_key, no_promote, config_file)
+    cycles.fail_orphans(store)
+    cycle_id = cycles.queue_cycle(store, trigger="manual")
+    if cycle_id is None:
+        active = cycles.active_cycle(store)
+        raise click.ClickException(f"cycle {active['id']} is already {active['state']}")
+    cycles.claim(store, cycle_id)
+    from train.cycle import run_cycle
+
+    row = run_cycle(store, cycle_id, cfg)
+    _show(row)
+    if row["state"] in ("failed", "cancelled"):
+        raise SystemExit(1)
+
+
+@cycle.command("list")
+@click.option("--limit", default=20, show_default=True)
+@settings_options
+def list_(settings, limit):
+    """The latest cycles, newest first."""
+    from feedback import cycles
+
+    rows = cycles.list_cycles(open_store(settings), limit)
+    click.echo(f"{'id':>4}  {'state':<13}{'trigger':<10}{'started':<20}{'took':>8}  {'pairs':>5} {'rm acc':>6} "
+               f"{'reward':>7} {'kl':>6}  {'gate':<5}{'version':<8}")
+    for r in rows:
+        click.echo(f"{r['id']:>4}  {r['state']:<13}{r['trigger']:<10}{_when(r['started_at'] or r['created_at']):<20}"
+                   f"{_num(r['duration_s'], '.0f', 's'):>8}  {_num(r['n_pairs'], 'd'):>5} {_num(r['rm_accuracy'], '.2f'):>6} "
+                   f"{_num(r['mean_reward'], '.2f'):>7} {_num(r['kl'], '.2f'):>6}  {r['gate'] or '-':<5}"
+                   f"{r['version'] or '-':<8}")
+
+
+@cycle.command()
+@click.argument("cycle_id", type=int)
+@settings_options
+def show(settings, cycle_id):
+    """One cycle with the figures and duration of each step."""
+    from feedback import cycles
+
+    row = cycles.get_cycle(open_store(settings), cycle_id)
+    if row is None:
+        raise click.ClickException(f"no cycle {cycle_id}")
+    _show(row)
+
+
+@cycle.command()
+@click.argument("cycle_id", type=int)
+@settings_options
+def cancel(settings, cycle_id):
+    """Stop a cycle: a queued one at once, a running one after its current step."""
+    from feedback import cycles
+
+    store = open_store(settings)
+    if cycles.get_cycle(store, cycle_id) is None:
+        raise click.ClickException(f"no cycle {cycle_id}")
+    row = cycles.request_cancel(store, cycle_id)
+    click.echo(f"cycle {cycle_id}: {row['state']}" + (" (cancel requested)" if row["cancel_requested"] else ""))
+
+
+def _show(row: dict) -> None:
+    click.echo(f"cycle {row['id']}: {row['state']} ({row['trigger']}), {_num(row['duration_s'], '.1f', ' s')}")
+    for key in ("n_sft", "n_pairs", "n_prompts", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error"):
+        if row.get(key) is not None:
+            click.echo(f"  {key:<12} {row[key]}")
+    for step, figures in row["steps"].items():
+        rest = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in figures.items()
+                         if k != "duration_s")
+        click.echo(f"  {step:<14} {figures.get('duration_s', 0):7.1f} s  {rest}")
+
+
+def _when(ts: float | None) -> str:
+    return datetime.datetime.fromtimestamp(ts).strftime("%F %T") if ts else "-"
+
+
+def _num(value, fmt: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{fmt}}{suffix}"
