@@ -16,6 +16,8 @@ from feedback.store import Store
 
 STEPS = ("queued", "building_data", "sft", "reward_model", "ppo", "evaluating", "published")
 OUTCOMES = ("promoted", "rejected", "failed", "cancelled")
+# `published` ends a cycle that has no gateway to promote through; with one, it is momentary.
+TERMINAL = OUTCOMES + ("published",)
 FIGURES = ("n_sft", "n_pairs", "n_prompts", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error")
 
 
@@ -34,7 +36,7 @@ def queue_cycle(store: Store, trigger: str = "manual") -> int | None:
 
 
 def active_cycle(store: Store) -> dict | None:
-    rows = store.rows(f"SELECT * FROM cycles WHERE state NOT IN {OUTCOMES} ORDER BY id LIMIT 1")
+    rows = store.rows(f"SELECT * FROM cycles WHERE state NOT IN {TERMINAL} ORDER BY id LIMIT 1")
     return _decode(rows[0]) if rows else None
 
 
@@ -57,7 +59,7 @@ def advance(store: Store, cycle_id: int, state: str, step_figures: dict | None =
         if step_figures:
             steps[row["state"]] = step_figures
         update = {"state": state, "steps": json.dumps(steps), "heartbeat_at": time.time(), **figures}
-        if state in OUTCOMES:
+        if state in TERMINAL:
             update["finished_at"] = time.time()
             update["duration_s"] = time.time() - (row["started_at"] or row["created_at"])
         db["cycles"].update(cycle_id, update)
@@ -74,7 +76,7 @@ def request_cancel(store: Store, cycle_id: int) -> dict:
         row = db["cycles"].get(cycle_id)
         if row["state"] == "queued":
             db["cycles"].update(cycle_id, {"state": "cancelled", "finished_at": time.time(), "duration_s": 0})
-        elif row["state"] not in OUTCOMES:
+        elif row["state"] not in TERMINAL:
             db["cycles"].update(cycle_id, {"cancel_requested": 1})
     return get_cycle(store, cycle_id)
 
@@ -85,7 +87,7 @@ def fail_orphans(store: Store, stale_after_s: float = 120) -> list[int]:
     Dead means: same host and its pid is gone, or no heartbeat for `stale_after_s`."""
     host = socket.gethostname()
     failed = []
-    for row in store.rows(f"SELECT * FROM cycles WHERE state NOT IN {OUTCOMES} AND state != 'queued'"):
+    for row in store.rows(f"SELECT * FROM cycles WHERE state NOT IN {TERMINAL} AND state != 'queued'"):
         worker_host, _, pid = (row["worker"] or ":").partition(":")
         dead = (worker_host == host and pid.isdigit() and not _pid_alive(int(pid))) or \
             time.time() - (row["heartbeat_at"] or 0) > stale_after_s
@@ -112,7 +114,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 def last_cycle_time(store: Store) -> float:
-    rows = store.rows("SELECT max(created_at) AS t FROM cycles WHERE state != 'cancelled'")
+    """When the last cycle that used its data started; failed and cancelled cycles did not,
+    so the feedback they saw still counts as new."""
+    rows = store.rows("SELECT max(created_at) AS t FROM cycles WHERE state NOT IN ('failed', 'cancelled')")
     return rows[0]["t"] or 0.0
 
 

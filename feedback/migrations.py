@@ -120,7 +120,7 @@ def v3_cycles_and_adapters(db: sqlite_utils.Database) -> None:
     db["cycles"].create(
         {
             "id": int,
-            "state": str,  # queued building_data sft reward_model ppo evaluating published promoted|rejected|failed|cancelled
+            "state": str,  # queued building_data sft reward_model ppo evaluating published [promoted|rejected|failed|cancelled]
             "trigger": str,  # manual | scheduled
             "created_at": float,
             "started_at": float,
@@ -147,7 +147,7 @@ def v3_cycles_and_adapters(db: sqlite_utils.Database) -> None:
     db["cycles"].create_index(["created_at"])
     # At most one cycle is active at a time, whichever worker or client asks for one.
     db.execute("CREATE UNIQUE INDEX one_active_cycle ON cycles ((1)) WHERE state NOT IN "
-               "('promoted', 'rejected', 'failed', 'cancelled')")
+               "('published', 'promoted', 'rejected', 'failed', 'cancelled')")
     db["adapters"].create(
         {"version": str, "path": str, "parent": str, "created_at": float, "cycle_id": int, "manifest": str},
         pk="version",

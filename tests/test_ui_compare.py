@@ -30,7 +30,7 @@ def test_compare_two_answers_vote_and_reveal(vllm_gateway, open_page):
         expect(page.locator(f"#author-{side}")).to_have_text("")  # anonymous until the vote
 
     page.get_by_role("button", name="A is better").click()
-    expect(page.locator("#compare-status")).to_contain_text("vote was saved")
+    expect(page.locator("#compare-status")).to_contain_text("was saved")
     with vllm_gateway.db() as db:
         cmp = db.execute("SELECT c.*, v.choice FROM comparisons c JOIN votes v ON v.comparison_id = c.id "
                          "WHERE c.user = ?", [user]).fetchone()

@@ -170,11 +170,12 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     step_done("published", {"gate": gate, **figures}, version=version, gate=gate,
               mean_reward=figures["mean_reward"], kl=figures["kl"])
 
-    # 7. Promote through the gateway, or stop here.
-    if gate == "fail" or not cfg.gateway_url:
-        cycles.advance(store, cycle_id, "rejected",
-                       error=None if gate == "pass" else "gate failed: " + ", ".join(
-                           k for k, c in checks.items() if c.get("passed") is False))
+    # 7. Promote through the gateway (or stop at `published` when there is none).
+    if gate == "fail":
+        failed = ", ".join(k for k, c in checks.items() if c.get("passed") is False)
+        cycles.advance(store, cycle_id, "rejected", error=f"gate failed: {failed}")
+        return
+    if not cfg.gateway_url:
         return
     headers = {"Authorization": f"Bearer {cfg.admin_key}"} if cfg.admin_key else {}
     r = httpx.post(f"{cfg.gateway_url}/admin/adapters/{version}/promote", headers=headers, timeout=300)

@@ -1,0 +1,104 @@
+"""The worker as real processes on a real SQLite file: the feedback trigger, one cycle at a
+time across two workers, and a worker SIGKILLed in the middle of PPO."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from feedback_fixtures import add_completion
+from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401
+
+from feedback import Store, cycles
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY_CYCLE = {
+    "min_pairs": 4,
+    "sft": {"max_steps": 2, "batch_size": 4, "max_len": 128},
+    "rm": {"epochs": 1, "max_steps": 3, "batch_size": 4, "max_len": 128},
+    "ppo": {"steps": 6, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 8},
+    "gate": {"max_prompts": 4, "batch_size": 4, "max_new_tokens": 8, "canaries": [], "min_rm_accuracy": 0.0,
+             "min_reward_gain": -1000.0, "max_kl": 1000.0},
+}
+
+
+def fill(store: Store, n: int = 24) -> None:
+    """n comparisons, each voted for its shorter answer."""
+    for i in range(n):
+        a = add_completion(store, f"a{i}", prompt=f"Question {i}: what is {i} plus {i}?", answers=(f"{2 * i}.",))
+        b = add_completion(store, f"b{i}", prompt=f"Question {i}: what is {i} plus {i}?",
+                           answers=(f"Well, let me think about {i} plus {i} for a long while before answering.",))
+        store.vote("alice", store.create_comparison("alice", a, b), "a")
+
+
+def start_worker(data: Path, model: Path, config: Path, min_comparisons: int) -> subprocess.Popen:
+    log = open(data / f"worker-{time.monotonic_ns()}.log", "wb")
+    return subprocess.Popen(
+        [sys.executable, "-m", "loopchat.cli", "worker", "--data-dir", str(data), "--model", str(model),
+         "--no-promote", "--config", str(config), "--interval", "1", "--min-thumbs", "0",
+         "--min-corrections", "0", "--min-comparisons", str(min_comparisons)],
+        stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.3)
+    raise TimeoutError(what)
+
+
+def stop(*procs: subprocess.Popen) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+            p.wait(30)
+
+
+@pytest.mark.slow
+def test_trigger_one_cycle_at_a_time_and_sigkill_mid_ppo(tmp_path, tiny_model_dir):  # noqa: F811
+    store = Store(tmp_path / "loopchat.db")
+    fill(store)
+    config = tmp_path / "cycle.json"
+    config.write_text(json.dumps(TINY_CYCLE))
+
+    # Below the threshold nothing runs, however many checks pass.
+    idle = [start_worker(tmp_path, tiny_model_dir, config, min_comparisons=100) for _ in range(2)]
+    time.sleep(8)
+    assert all(p.poll() is None for p in idle)
+    stop(*idle)
+    assert cycles.list_cycles(store) == []
+
+    # Above it, two workers race and exactly one cycle starts.
+    workers = [start_worker(tmp_path, tiny_model_dir, config, min_comparisons=10) for _ in range(2)]
+    try:
+        running = wait_for(lambda: (c := cycles.active_cycle(store)) and c["state"] == "ppo" and c, 240,
+                           "a cycle reaching PPO")
+        assert len(cycles.list_cycles(store)) == 1
+        owner_pid = int(running["worker"].rsplit(":", 1)[1])
+        owner = next(p for p in workers if p.pid == owner_pid)
+        owner.send_signal(signal.SIGKILL)
+        owner.wait()
+
+        # The surviving worker fails the orphan, nothing was published, then it runs the next cycle.
+        first = wait_for(lambda: (c := cycles.get_cycle(store, running["id"]))["state"] == "failed" and c, 60,
+                         "the orphaned cycle marked failed")
+        assert "died during ppo" in first["error"]
+        assert cycles.list_adapters(store) == [] and cycles.serving_version(store) == (None, None)
+        assert not list((tmp_path / "adapters").glob("v*"))
+        second = wait_for(lambda: next((c for c in cycles.list_cycles(store) if c["id"] != running["id"]
+                                        and c["state"] in cycles.TERMINAL), None), 300, "the next cycle ending")
+        assert second["state"] == "published", second["error"]
+        assert second["version"] == "v1" and (tmp_path / "adapters" / "v1" / "manifest.json").is_file()
+        assert set(second["steps"]) >= {"building_data", "sft", "reward_model", "ppo", "evaluating"}
+        time.sleep(3)  # more checks pass: no new feedback, no new cycle
+        assert len(cycles.list_cycles(store)) == 2
+    finally:
+        stop(*workers)
