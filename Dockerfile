@@ -1,0 +1,17 @@
+# GPU image: loopchat on top of the official vLLM OpenAI server image (CUDA torch and vllm inside).
+FROM vllm/vllm-openai:latest
+WORKDIR /opt/loopchat
+COPY pyproject.toml README.md ./
+COPY loopchat loopchat
+COPY serve serve
+COPY feedback feedback
+COPY train train
+COPY ui ui
+# The image already has vllm and its torch; install loopchat without touching them.
+RUN pip install --no-cache-dir -e . && loopchat model prepare --data-dir /data
+ENV LOOPCHAT_DATA_DIR=/data
+VOLUME /data
+EXPOSE 8000
+# Listening beyond loopback needs a key first: docker run -v lc:/data IMAGE keys create ops --admin
+ENTRYPOINT ["loopchat"]
+CMD ["up", "--engine", "vllm", "--host", "0.0.0.0"]
