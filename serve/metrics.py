@@ -2,16 +2,40 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
+class CycleCollector:
+    """Retrain cycles as the store has them, read at scrape time (the worker is another process)."""
+
+    def __init__(self, store) -> None:
+        self.store = store
+
+    def collect(self):
+        by_state = GaugeMetricFamily("loopchat_cycles", "Retrain cycles by state", labels=["state"])
+        for row in self.store.rows("SELECT state, count(*) AS n FROM cycles GROUP BY state"):
+            by_state.add_metric([row["state"]], row["n"])
+        yield by_state
+        steps = GaugeMetricFamily("loopchat_cycle_step_seconds", "Duration of each step of the latest finished "
+                                  "cycle", labels=["step"])
+        last = self.store.rows("SELECT steps FROM cycles WHERE finished_at IS NOT NULL ORDER BY id DESC LIMIT 1")
+        if last:
+            for step, figures in json.loads(last[0]["steps"] or "{}").items():
+                steps.add_metric([step], figures.get("duration_s", 0))
+        yield steps
+
+
 class Metrics:
-    def __init__(self) -> None:
+    def __init__(self, store=None) -> None:
         self.registry = r = CollectorRegistry()
+        if store is not None:
+            r.register(CycleCollector(store))
         self.requests = Counter("loopchat_requests", "HTTP requests by route and status", ["route", "status"],
                                 registry=r)
         self.latency = Histogram("loopchat_request_latency_seconds", "Request latency (to the last byte)",

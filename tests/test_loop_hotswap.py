@@ -103,7 +103,9 @@ def test_promote_promote_rollback_under_load_then_restart(swap_gateway):
     swap_gateway.stop()
     swap_gateway.start()
     assert ask(url) == f"policy-{v1}"
-    assert "loopchat_serving_policy_version 1.0" in httpx.get(url + "/metrics").text
+    metrics = httpx.get(url + "/metrics").text
+    assert "loopchat_serving_policy_version 1.0" in metrics
+    assert "loopchat_last_promotion_timestamp_seconds" in metrics and "loopchat_cycles" in metrics
 
 
 def test_bad_promotions_change_nothing(swap_gateway):
