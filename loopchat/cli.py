@@ -10,6 +10,7 @@ from loopchat.commands.keys import keys
 from loopchat.commands.loop import cycle, worker
 from loopchat.commands.model import model
 from loopchat.commands.serve import serve, up
+from loopchat.commands.simulate import simulate
 from loopchat.commands.train import eval_command, train
 from loopchat.commands.ui import ui
 
@@ -20,7 +21,7 @@ def cli():
     """loopchat: a chat service that gets better from its own users."""
 
 
-for command in (up, serve, worker, cycle, train, eval_command, model, keys, export, feedback, users, ui):
+for command in (up, serve, worker, cycle, train, eval_command, model, keys, export, feedback, users, ui, simulate):
     cli.add_command(command)
 
 

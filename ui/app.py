@@ -42,7 +42,10 @@ def build_app(gateway_url: str, api_key: str | None = None) -> gr.Blocks:
         return gw, gr.update(visible=False), gr.update(visible=True), "Signed in with your API key.", ""
 
     with gr.Blocks(title="loopchat") as app:
-        browser = gr.BrowserState({"user": None, "conversations": []}, storage_key="loopchat")
+        # A stable secret, so identities and histories survive a restart. Nothing here needs hiding from the
+        # browser: in open mode any caller may name itself, and API keys are never stored there.
+        browser = gr.BrowserState({"user": None, "conversations": []}, storage_key="loopchat",
+                                  secret="loopchat-browser-state")
         auth = gr.State(None)
         banner = gr.Markdown(elem_id="banner")
         with gr.Column(visible=False, elem_id="login") as login:

@@ -130,14 +130,14 @@ async def on_like(gw: Gateway, history: list[dict], conv: dict, data: gr.LikeDat
     if mark is None:
         return chatbot_view(history, conv), conv, hidden, gr.skip(), gr.skip(), None, status
     return (chatbot_view(history, conv), conv, gr.update(visible=True),
-            gr.update(value=mark.get("reason"), visible=mark["rating"] < 0), mark.get("comment") or "",
-            data.index, status)
+            gr.update(value=mark.get("reason"), visible=mark["rating"] < 0), mark.get("comment") or "", cid, status)
 
 
-async def send_details(gw: Gateway, conv: dict, selected: int | None, reason: str | None, comment: str):
-    if selected is None:
+async def send_details(gw: Gateway, conv: dict, selected: str | None, reason: str | None, comment: str):
+    """The reason and comment for the answer rated last (`selected`, its completion id)."""
+    if selected not in conv["marks"]:
         return conv, "Rate an answer first."
-    return await send_mark(gw, conv, conv["ids"][selected], "Thanks, your comments were saved.", reason=reason or None,
+    return await send_mark(gw, conv, selected, "Thanks, your comments were saved.", reason=reason or None,
                            comment=comment.strip() or None)
 
 
@@ -184,7 +184,7 @@ async def on_ready(gw: Gateway | None, browser: dict, current: dict):
 
 def build(auth: gr.State, browser: gr.BrowserState) -> None:
     conv = gr.State(new_conversation)
-    selected = gr.State(None)
+    selected = gr.State(None)  # the completion id the feedback details are about
     with gr.Row():
         with gr.Column(scale=1, min_width=220):
             new_chat = gr.Button("New chat", variant="primary", elem_id="new-chat")
@@ -225,10 +225,10 @@ def build(auth: gr.State, browser: gr.BrowserState) -> None:
     send.click(send_details, [auth, conv, selected, reason, comment], [conv, status])
 
     def start_new():
-        return [], new_conversation(), gr.update(value=None), gr.update(visible=False), ""
+        return [], new_conversation(), gr.update(value=None), gr.update(visible=False), None, ""
 
     for event in (new_chat.click, chatbot.clear):
-        event(start_new, None, [chatbot, conv, history, details, status], queue=False)
+        event(start_new, None, [chatbot, conv, history, details, selected, status], queue=False)
     history.input(open_conversation, [auth, browser, history], [chatbot, conv, status]) \
-        .then(lambda: gr.update(visible=False), None, details, queue=False)
+        .then(lambda: (gr.update(visible=False), None), None, [details, selected], queue=False)
     auth.change(on_ready, [auth, browser, conv], [model, history, status])

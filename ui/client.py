@@ -35,7 +35,8 @@ class GatewayError(Exception):
 
     @property
     def not_available(self) -> bool:
-        return self.status in (404, 405)
+        """The route itself is missing (an older gateway), not a missing thing it was asked about."""
+        return self.status in (404, 405) and self.code is None
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,535 @@
+"""Simulated users: drive a running loopchat service through its public HTTP API only, and
+measure whether its retrain loop learns what those users prefer.
+
+Each round: collect feedback (comparisons voted by a preference function, thumbs by a score
+threshold, some corrections), ask the worker for a cycle (`POST /admin/cycles`), wait for its
+outcome, then measure on held-out prompts (never used for feedback) how often the promoted
+policy (`loopchat`) beats the base model, judged by the same preference without noise.
+
+Imports nothing from serve/ or train/: the gateway could be on another machine.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import httpx
+
+DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
+FINAL_STATES = ("promoted", "rejected", "failed", "cancelled", "published")
+CHOICES = ("a", "b", "tie", "both_bad")
+CYCLE_FIGURES = ("id", "state", "version", "gate", "error", "rm_accuracy", "kl", "mean_reward", "n_pairs", "n_sft",
+                 "n_prompts", "duration_s")
+Log = Callable[[str], None]
+
+
+class SimulationError(Exception):
+    pass
+
+
+@dataclass
+class SimSettings:
+    gateway: str = "http://127.0.0.1:8000"
+    api_key: str | None = None
+    user: str = "simulated-users"  # open mode: the X-Loopchat-User name (keyed: the key names the user)
+    prompts: Path = DEFAULT_PROMPTS
+    preference: str = "concise"
+    score: str | None = None
+    noise: float = 0.1
+    threshold: float = 0.5
+    correction_rate: float = 0.2
+    cycles: int = 3
+    comparisons: int = 48  # per round
+    thumbs: int = 24  # per round
+    eval_prompts: int = 40  # held-out prompts, never used for feedback
+    eval_samples: int = 1  # policy/base pairs per held-out prompt
+    concurrency: int = 4
+    max_tokens: int = 48
+    temperature: float = 0.8
+    seed: int = 0
+    cycle_timeout: float = 3600.0
+    poll_s: float = 3.0
+    out: Path | None = None
+
+    def as_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "api_key"}
+
+
+# ---- prompts -------------------------------------------------------------------------------
+def load_prompts(path: Path) -> list[list[dict]]:
+    """One prompt a line: plain text (a user message) or JSON (a list of messages, or
+    {"messages": [...]}). Blank lines and lines starting with '#' are skipped."""
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line[0] in "[{":
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise SimulationError(f"{path}:{n}: not valid JSON: {e}") from e
+            messages = value.get("messages") if isinstance(value, dict) else value
+            if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m for m in messages):
+                raise SimulationError(f"{path}:{n}: expected a list of messages or {{\"messages\": [...]}}")
+            out.append(messages)
+        else:
+            out.append([{"role": "user", "content": line}])
+    return out
+
+
+def prompt_text(messages: list[dict]) -> str:
+    """What the preference function sees as the prompt: the last user message."""
+    users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+    return users[-1] if users else (messages[-1].get("content") or "")
+
+
+def split_prompts(prompts: list, n_eval: int, seed: int) -> tuple[list, list]:
+    """(feedback prompts, held-out prompts): a fixed, seeded slice is kept for measurement."""
+    order = list(range(len(prompts)))
+    random.Random(f"split:{seed}").shuffle(order)
+    n_eval = min(n_eval, len(prompts) - 1)
+    if n_eval < 1:
+        raise SimulationError(f"need at least 2 prompts to keep some held out (got {len(prompts)})")
+    held = set(order[:n_eval])
+    return [p for i, p in enumerate(prompts) if i not in held], [p for i, p in enumerate(prompts) if i in held]
+
+
+class PromptCycler:
+    """Draws prompts in a shuffled order, reshuffling when all have been used."""
+
+    def __init__(self, prompts: list, rng: random.Random):
+        self.prompts, self.rng, self.queue = prompts, rng, []
+
+    def take(self, n: int) -> list:
+        out = []
+        while len(out) < n:
+            if not self.queue:
+                self.queue = self.rng.sample(self.prompts, len(self.prompts))
+            out.append(self.queue.pop())
+        return out
+
+
+# ---- the simulated user ----------------------------------------------------------------------
+def resolve(spec: str):
+    """A built-in name (`concise`) or `module:attribute`."""
+    from loopchat import preferences
+
+    if ":" not in spec:
+        if spec in preferences.BUILTINS:
+            return preferences.BUILTINS[spec]
+        raise SimulationError(f"unknown preference '{spec}': built-ins are {', '.join(preferences.BUILTINS)}, "
+                              "or give module:function")
+    module_name, _, attr = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise SimulationError(f"cannot load {spec}: {e}") from e
+
+
+def _companion(fn, name: str):
+    """`fn.<name>`, else a module-level `<name>` next to fn, else None."""
+    found = getattr(fn, name, None)
+    if found is None:
+        module = importlib.import_module(fn.__module__) if getattr(fn, "__module__", None) else None
+        found = getattr(module, name, None) if module is not None else None
+    return found if callable(found) else None
+
+
+@dataclass
+class Judge:
+    """A simulated user's taste: the pairwise preference, plus thumbs and corrections."""
+
+    prefer: Callable[[str, str, str], str]
+    score: Callable[[str, str], float] | None = None
+    correct: Callable[[str, str], str | None] | None = None
+    noise: float = 0.0
+    threshold: float = 0.5
+
+    def vote(self, prompt: str, a: str, b: str, rng: random.Random, noisy: bool = True) -> str:
+        if noisy and rng.random() < self.noise:
+            return rng.choice(("a", "b"))
+        choice = self.prefer(prompt, a, b)
+        if choice not in CHOICES:
+            raise SimulationError(f"the preference returned {choice!r}; expected one of {CHOICES}")
+        return choice
+
+    def thumb(self, prompt: str, answer: str, rng: random.Random) -> int:
+        if rng.random() < self.noise:
+            return rng.choice((1, -1))
+        return 1 if self.score(prompt, answer) >= self.threshold else -1
+
+
+def load_judge(preference: str, score: str | None = None, noise: float = 0.0, threshold: float = 0.5) -> Judge:
+    prefer = resolve(preference)
+    if not callable(prefer):
+        raise SimulationError(f"{preference} is not a function")
+    score_fn = resolve(score) if score else _companion(prefer, "score")
+    return Judge(prefer, score_fn, _companion(prefer, "correct"), noise, threshold)
+
+
+# ---- the gateway, over HTTP ------------------------------------------------------------------
+class Gateway:
+    """The few public API calls a population of users (and an operator) make."""
+
+    def __init__(self, url: str, api_key: str | None = None, user: str | None = None, timeout: float = 300,
+                 retries: int = 5):
+        headers = {}
+        if api_key:
+            headers["Authorization"] = f"Bearer {api_key}"
+        if user:
+            headers["X-Loopchat-User"] = user
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+        self.retries = retries
+
+    def close(self) -> None:
+        self.http.close()
+
+    def request(self, method: str, path: str, ok=(200,), **kwargs) -> httpx.Response:
+        """Retries rate limits (429), an engine not ready (503) and dropped connections."""
+        for attempt in range(self.retries + 1):
+            try:
+                r = self.http.request(method, path, **kwargs)
+            except httpx.TransportError as e:
+                if attempt == self.retries:
+                    raise SimulationError(f"{method} {path}: {e}") from e
+                time.sleep(min(2 ** attempt, 20))
+                continue
+            if r.status_code in (429, 503) and attempt < self.retries:
+                time.sleep(float(r.headers.get("retry-after") or min(2 ** attempt, 20)))
+                continue
+            if r.status_code not in ok:
+                raise SimulationError(f"{method} {path}: HTTP {r.status_code} {_message(r)}")
+            return r
+        raise AssertionError("unreachable")
+
+    def models(self) -> list[dict]:
+        return self.request("GET", "/v1/models").json()["data"]
+
+    def base_model(self) -> str:
+        for m in self.models():
+            if m.get("parent") is None and m["id"] != "loopchat":
+                return m["id"]
+        raise SimulationError("GET /v1/models lists no base model")
+
+    def chat(self, messages: list[dict], model: str = "loopchat", **sampling) -> tuple[str, str]:
+        body = {"model": model, "messages": messages, **sampling}
+        data = self.request("POST", "/v1/chat/completions", json=body).json()
+        return data["id"], data["choices"][0]["message"]["content"] or ""
+
+    def compare(self, messages: list[dict], **sampling) -> dict:
+        return self.request("POST", "/v1/comparisons", json={"messages": messages, **sampling}).json()
+
+    def vote(self, comparison_id: str, choice: str) -> None:
+        self.request("POST", f"/v1/comparisons/{comparison_id}/vote", json={"choice": choice})
+
+    def feedback(self, completion_id: str, rating: int, correction: str | None = None) -> None:
+        body = {"completion_id": completion_id, "rating": rating}
+        if correction is not None:
+            body["correction"] = correction
+        self.request("POST", "/v1/feedback", json=body)
+
+    def queue_cycle(self) -> int | None:
+        """A new cycle's id; None when one is already active (409)."""
+        r = self.request("POST", "/admin/cycles", ok=(202, 409))
+        return r.json()["id"] if r.status_code == 202 else None
+
+    def cycles(self) -> list[dict]:
+        return self.request("GET", "/admin/cycles").json()["data"]
+
+    def cycle(self, cycle_id: int) -> dict:
+        return self.request("GET", f"/admin/cycles/{cycle_id}").json()
+
+
+def _message(r: httpx.Response) -> str:
+    try:
+        return r.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return r.text[:300]
+
+
+# ---- doing many things at once, with progress ------------------------------------------------
+class Progress:
+    """Counts finished tasks and logs `done/total (rate/s, ETA)` at most every `every_s`."""
+
+    def __init__(self, what: str, total: int, log: Log, every_s: float = 5.0):
+        self.what, self.total, self.log, self.every_s = what, total, log, every_s
+        self.done, self.start, self.last = 0, time.monotonic(), 0.0
+        self.lock = threading.Lock()
+
+    def step(self) -> None:
+        with self.lock:
+            self.done += 1
+            now = time.monotonic()
+            if self.done == self.total or now - self.last >= self.every_s:
+                self.last = now
+                self.log(self.line())
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        return f"  {self.what}: {self.done}/{self.total} ({rate:.2f}/s, ETA {eta:.0f} s)"
+
+
+def run_all(tasks: list[Callable[[], dict]], concurrency: int, progress: Progress) -> list[dict]:
+    def run(task):
+        try:
+            return task()
+        finally:
+            progress.step()
+
+    with ThreadPoolExecutor(max(1, concurrency)) as pool:
+        return list(pool.map(run, tasks))
+
+
+# ---- one round of feedback -------------------------------------------------------------------
+def comparison_task(gw: Gateway, judge: Judge, messages: list[dict], sampling: dict, rng: random.Random):
+    def task() -> dict:
+        cmp = gw.compare(messages, **sampling)
+        a, b = (c["content"] or "" for c in cmp["candidates"])
+        choice = judge.vote(prompt_text(messages), a, b, rng)
+        gw.vote(cmp["id"], choice)
+        return {"kind": "comparison", "choice": choice}
+    return task
+
+
+def thumbs_task(gw: Gateway, judge: Judge, messages: list[dict], sampling: dict, rng: random.Random,
+                correction_rate: float):
+    """Thumbs on one answer by the score; without a score, two answers to the same prompt judged
+    against each other (the preferred one up, the other down)."""
+    prompt = prompt_text(messages)
+
+    def correction(answer: str) -> str | None:
+        if judge.correct is None or rng.random() >= correction_rate:
+            return None
+        better = judge.correct(prompt, answer)
+        return better if better and better.strip() and better.strip() != answer.strip() else None
+
+    def task() -> dict:
+        if judge.score is not None:
+            cid, answer = gw.chat(messages, **sampling)
+            ratings = [(cid, answer, judge.thumb(prompt, answer, rng))]
+        else:
+            (ida, a), (idb, b) = gw.chat(messages, **sampling), gw.chat(messages, **sampling)
+            choice = judge.vote(prompt, a, b, rng)
+            up_a, up_b = {"a": (1, -1), "b": (-1, 1), "tie": (1, 1), "both_bad": (-1, -1)}[choice]
+            ratings = [(ida, a, up_a), (idb, b, up_b)]
+        out = {"kind": "thumbs", "up": 0, "down": 0, "corrections": 0}
+        for cid, answer, rating in ratings:
+            fix = correction(answer)
+            gw.feedback(cid, rating, fix)
+            out["up" if rating > 0 else "down"] += 1
+            out["corrections"] += fix is not None
+        return out
+    return task
+
+
+def collect_feedback(gw: Gateway, judge: Judge, cycler: PromptCycler, s: SimSettings, rng: random.Random,
+                     label: str, log: Log) -> dict:
+    sampling = {"max_tokens": s.max_tokens, "temperature": s.temperature}
+    tasks = [comparison_task(gw, judge, m, sampling, random.Random(rng.random())) for m in cycler.take(s.comparisons)]
+    tasks += [thumbs_task(gw, judge, m, sampling, random.Random(rng.random()), s.correction_rate)
+              for m in cycler.take(s.thumbs)]
+    random.Random(rng.random()).shuffle(tasks)
+    started = time.monotonic()
+    results = run_all(tasks, s.concurrency, Progress(f"{label} feedback", len(tasks), log))
+    votes = {c: 0 for c in CHOICES}
+    for r in results:
+        if r["kind"] == "comparison":
+            votes[r["choice"]] += 1
+    thumbs = [r for r in results if r["kind"] == "thumbs"]
+    return {"comparisons": sum(votes.values()), "votes": votes, "thumbs_up": sum(r["up"] for r in thumbs),
+            "thumbs_down": sum(r["down"] for r in thumbs), "corrections": sum(r["corrections"] for r in thumbs),
+            "seconds": round(time.monotonic() - started, 1)}
+
+
+# ---- the cycle -------------------------------------------------------------------------------
+def request_cycle(gw: Gateway, s: SimSettings, log: Log) -> int:
+    """Queue a cycle; when one is already active, wait for it to end first."""
+    deadline = time.monotonic() + s.cycle_timeout
+    while time.monotonic() < deadline:
+        cycle_id = gw.queue_cycle()
+        if cycle_id is not None:
+            return cycle_id
+        active = next((c for c in gw.cycles() if c["state"] not in FINAL_STATES), None)
+        if active is not None:
+            log(f"  cycle {active['id']} is already {active['state']}; waiting for it to end")
+            wait_cycle(gw, active["id"], s, log)
+    raise SimulationError(f"could not start a cycle within {s.cycle_timeout:.0f} s")
+
+
+def wait_cycle(gw: Gateway, cycle_id: int, s: SimSettings, log: Log) -> dict:
+    started, state = time.monotonic(), None
+    while True:
+        row = gw.cycle(cycle_id)
+        if row["state"] != state:
+            state = row["state"]
+            log(f"  cycle {cycle_id}: {state} ({time.monotonic() - started:.0f} s)")
+        if state in FINAL_STATES:
+            return row
+        if time.monotonic() - started > s.cycle_timeout:
+            raise SimulationError(f"cycle {cycle_id} still {state} after {s.cycle_timeout:.0f} s")
+        time.sleep(s.poll_s)
+
+
+def cycle_figures(row: dict) -> dict:
+    out = {k: row.get(k) for k in CYCLE_FIGURES}
+    out["steps"] = row.get("steps") or {}
+    return out
+
+
+# ---- measuring -------------------------------------------------------------------------------
+def pair_task(gw: Gateway, judge: Judge, messages: list[dict], policy: str, base: str, sampling: dict,
+              rng: random.Random):
+    def task() -> dict:
+        (_, mine), (_, theirs) = gw.chat(messages, policy, **sampling), gw.chat(messages, base, **sampling)
+        prompt = prompt_text(messages)
+        flipped = rng.random() < 0.5  # the judge never knows which side is the policy
+        choice = judge.vote(prompt, *((theirs, mine) if flipped else (mine, theirs)), rng, noisy=False)
+        outcome = {"a": "win", "b": "loss"}.get(choice, "tie")
+        if flipped and outcome != "tie":
+            outcome = "loss" if outcome == "win" else "win"
+        out = {"outcome": outcome, "policy_words": len(mine.split()), "base_words": len(theirs.split())}
+        if judge.score is not None:
+            out["policy_score"], out["base_score"] = judge.score(prompt, mine), judge.score(prompt, theirs)
+        return out
+    return task
+
+
+def win_rate(gw: Gateway, judge: Judge, heldout: list, policy: str, base: str, s: SimSettings,
+             rng: random.Random, label: str, log: Log) -> dict:
+    """The policy's win rate against the base model on fresh samples; ties (and both_bad) count half."""
+    sampling = {"max_tokens": s.max_tokens, "temperature": s.temperature}
+    tasks = [pair_task(gw, judge, m, policy, base, sampling, random.Random(rng.random()))
+             for m in heldout for _ in range(s.eval_samples)]
+    started = time.monotonic()
+    results = run_all(tasks, s.concurrency, Progress(f"{label} measuring", len(tasks), log))
+    n = len(results)
+    counts = {k: sum(r["outcome"] == k for r in results) for k in ("win", "tie", "loss")}
+    out = {"win_rate": round((counts["win"] + 0.5 * counts["tie"]) / n, 4) if n else None, "n": n, **counts,
+           "policy_words": _mean(r["policy_words"] for r in results),
+           "base_words": _mean(r["base_words"] for r in results), "seconds": round(time.monotonic() - started, 1)}
+    if judge.score is not None:
+        out["policy_score"] = _mean(r["policy_score"] for r in results)
+        out["base_score"] = _mean(r["base_score"] for r in results)
+    return out
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
+
+
+# ---- the whole simulation --------------------------------------------------------------------
+def simulate(s: SimSettings, log: Log = print) -> dict:
+    judge = load_judge(s.preference, s.score, s.noise, s.threshold)
+    if judge.score is None:
+        log("no score function: thumbs come from judging two answers to the same prompt")
+    prompts = load_prompts(s.prompts)
+    train, heldout = split_prompts(prompts, s.eval_prompts, s.seed)
+    rng = random.Random(s.seed)
+    cycler = PromptCycler(train, random.Random(rng.random()))
+    gw = Gateway(s.gateway, s.api_key, None if s.api_key else s.user)
+    started = time.monotonic()
+    try:
+        base = gw.base_model()
+        log(f"gateway {s.gateway}: base model {base}; {len(train)} feedback prompts, {len(heldout)} held out")
+        rounds = [{"round": 0, "eval": win_rate(gw, judge, heldout, "loopchat", base, s, rng, "round 0", log)}]
+        log(f"round 0: win rate {rounds[0]['eval']['win_rate']:.3f} (before any cycle)")
+        for k in range(1, s.cycles + 1):
+            label = f"round {k}/{s.cycles}"
+            t0 = time.monotonic()
+            fb = collect_feedback(gw, judge, cycler, s, rng, label, log)
+            t1 = time.monotonic()
+            cycle_id = request_cycle(gw, s, log)
+            row = wait_cycle(gw, cycle_id, s, log)
+            t2 = time.monotonic()
+            ev = win_rate(gw, judge, heldout, "loopchat", base, s, rng, label, log)
+            rounds.append({"round": k, "feedback": fb, "cycle": cycle_figures(row), "eval": ev,
+                           "timings": {"feedback_s": round(t1 - t0, 1), "cycle_s": round(t2 - t1, 1),
+                                       "eval_s": round(time.monotonic() - t2, 1),
+                                       "elapsed_s": round(time.monotonic() - started, 1)}})
+            log(f"{label}: cycle {cycle_id} {row['state']}, win rate {ev['win_rate']:.3f}, "
+                f"rm accuracy {_fmt(row.get('rm_accuracy'))}, kl {_fmt(row.get('kl'))}")
+            if s.out:
+                write_report(_report(s, base, rounds, started, train, heldout), s.out)
+    finally:
+        gw.close()
+    report = _report(s, base, rounds, started, train, heldout)
+    if s.out:
+        write_report(report, s.out)
+    return report
+
+
+def _report(s: SimSettings, base: str, rounds: list[dict], started: float, train: list, heldout: list) -> dict:
+    return {"settings": s.as_dict(), "base_model": base, "n_feedback_prompts": len(train),
+            "n_heldout_prompts": len(heldout), "rounds": rounds,
+            "final_win_rate": rounds[-1]["eval"]["win_rate"], "total_s": round(time.monotonic() - started, 1)}
+
+
+# ---- output ----------------------------------------------------------------------------------
+def _fmt(value, spec: str = ".3f") -> str:
+    return "-" if value is None else f"{value:{spec}}"
+
+
+def table(report: dict) -> str:
+    lines = [f"{'round':>5}  {'cycle':<16}{'win rate':>9}  {'W/T/L':<11}{'rm acc':>7}{'kl':>8}  "
+             f"{'votes':>5} {'thumbs':>6} {'fixes':>5}  {'cycle s':>7}"]
+    for r in report["rounds"]:
+        cyc, fb, ev = r.get("cycle") or {}, r.get("feedback") or {}, r["eval"]
+        state = f"{cyc.get('state', '-')}" + (f" {cyc['version']}" if cyc.get("version") else "")
+        thumbs = fb.get("thumbs_up", 0) + fb.get("thumbs_down", 0) if fb else None
+        wtl = f"{ev['win']}/{ev['tie']}/{ev['loss']}"
+        lines.append(f"{r['round']:>5}  {state:<16}{_fmt(ev['win_rate']):>9}  "
+                     f"{wtl:<11}{_fmt(cyc.get('rm_accuracy')):>7}"
+                     f"{_fmt(cyc.get('kl')):>8}  {_fmt(fb.get('comparisons'), 'd'):>5} {_fmt(thumbs, 'd'):>6} "
+                     f"{_fmt(fb.get('corrections'), 'd'):>5}  {_fmt((r.get('timings') or {}).get('cycle_s'), '.0f'):>7}")
+    lines.append(f"final win rate {_fmt(report['final_win_rate'])} against {report['base_model']} "
+                 f"in {report['total_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def write_report(report: dict, out: Path) -> None:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    partial = out / "report.json.partial"
+    partial.write_text(json.dumps(report, indent=2, default=str))
+    partial.replace(out / "report.json")
+    plot(report, out / "report.png")
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rounds = report["rounds"]
+    xs = [r["round"] for r in rounds]
+    cyc = [r for r in rounds if r.get("cycle")]
+    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    axes[0].plot(xs, [r["eval"]["win_rate"] for r in rounds], "o-", color="tab:blue")
+    axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
+    axes[0].set_ylabel("win rate vs base")
+    axes[0].set_ylim(0, 1)
+    for ax, key, color in ((axes[1], "rm_accuracy", "tab:green"), (axes[2], "kl", "tab:red")):
+        pts = [(r["round"], r["cycle"][key]) for r in cyc if r["cycle"].get(key) is not None]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color)
+        ax.set_ylabel(key.replace("_", " "))
+    axes[1].set_ylim(0, 1)
+    axes[2].set_xlabel("cycle")
+    axes[2].set_xticks(xs)
+    s = report["settings"]
+    fig.suptitle(f"loopchat simulate: {s['preference']}, noise {s['noise']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
