@@ -8,10 +8,11 @@ of the base). Ours: one model, a value head on the policy's trunk, and a reward 
 base + LoRA + head (trained for one step here; its scores do not matter for throughput).
 
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; the time counted
-is the PPO loop only (model loading excluded on both sides). TRL is a benchmark-only
+is the PPO loop only (model loading excluded on both sides). With `--repeats N` the sides
+alternate N times and each keeps its best run, which damps noise from other load on the box. TRL is a benchmark-only
 dependency: `pip install trl==1.9.2`.
 
-    .venv/bin/python bench/ppo_vs_trl.py [--model DIR] [--iterations 2] [--trl-dtype float32]
+    .venv/bin/python bench/ppo_vs_trl.py [--model DIR] [--iterations 2] [--repeats 1] [--trl-dtype float32]
 """
 
 from __future__ import annotations
@@ -119,6 +120,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--iterations", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times; keep each side's best")
     p.add_argument("--trl-dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -131,11 +133,16 @@ def main() -> None:
 
     import torch
 
-    trl_side = run_side("trl", args)
-    ours = run_side("ours", args)
+    runs = {"trl": [], "ours": []}
+    for _ in range(args.repeats):
+        for side in runs:
+            runs[side].append(run_side(side, args))
+            print(f"{side}: {runs[side][-1]}", flush=True)
+    best = lambda side: max(runs[side], key=lambda r: r["samples_per_s"])  # noqa: E731
+    trl_side, ours = best("trl"), best("ours")
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} cores, no GPU"
     print(f"device: {device}")
-    print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations")
+    print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations, best of {args.repeats}")
     print(f"{'':<10} {'samples/s':>10} {'seconds':>9} {'peak RSS MB':>12}  dtype")
     for name, r in (("loopchat", ours), ("trl 1.9.2", trl_side)):
         print(f"{name:<10} {r['samples_per_s']:>10.3f} {r['seconds']:>9.1f} {r['peak_rss_mb']:>12.0f}  {r['dtype']}")

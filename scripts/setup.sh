@@ -14,7 +14,8 @@ if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then 
 stamp="$VENV/.loopchat-$flavour-$(sha256sum pyproject.toml | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
   echo "setup: installing loopchat[$flavour,dev] into $VENV (first run takes a few minutes)"
-  $pip install -e ".[$flavour,dev]"
+  # (this machine's pip config names local index folders that do not all exist: drop that noise)
+  $pip install -e ".[$flavour,dev]" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
   if [ "$flavour" = cpu ]; then
     # PyPI's torchvision/torchaudio/torchcodec are built for the CUDA torch and break
     # transformers' imports beside the CPU torch; vLLM serves text models without them.
