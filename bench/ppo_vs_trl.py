@@ -138,8 +138,7 @@ def main() -> None:
         for side in runs:
             runs[side].append(run_side(side, args))
             print(f"{side}: {runs[side][-1]}", flush=True)
-    best = lambda side: max(runs[side], key=lambda r: r["samples_per_s"])  # noqa: E731
-    trl_side, ours = best("trl"), best("ours")
+    trl_side, ours = (max(runs[side], key=lambda r: r["samples_per_s"]) for side in ("trl", "ours"))
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} cores, no GPU"
     print(f"device: {device}")
     print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations, best of {args.repeats}")

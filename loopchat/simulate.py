@@ -364,6 +364,8 @@ def request_cycle(gw: Gateway, s: SimSettings, log: Log) -> int:
         if active is not None:
             log(f"  cycle {active['id']} is already {active['state']}; waiting for it to end")
             wait_cycle(gw, active["id"], s, log)
+        else:
+            time.sleep(s.poll_s)  # it ended between our two calls
     raise SimulationError(f"could not start a cycle within {s.cycle_timeout:.0f} s")
 
 

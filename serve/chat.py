@@ -6,11 +6,11 @@ token counts and storage; a non-streamed request is assembled from the same chun
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from typing import AsyncIterator
 
+import orjson
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -144,7 +144,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
             while True:
                 rec.add(chunk)
                 if chunk.get("choices") or include_usage:
-                    yield f"data: {json.dumps(chunk, ensure_ascii=False)}\n\n"
+                    yield b"data: " + orjson.dumps(chunk) + b"\n\n"
                 try:
                     chunk = await gen.__anext__()
                 except StopAsyncIteration:
@@ -152,10 +152,10 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
             # Stored before [DONE], so a client may send feedback on the id as soon as the stream ends.
             await finish(state, rec, "complete")
             stored = True
-            yield "data: [DONE]\n\n"
+            yield b"data: [DONE]\n\n"
         except (EngineError, EngineUnavailable) as e:
             err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}}
-            yield f"data: {json.dumps(err)}\n\n"
+            yield b"data: " + orjson.dumps(err) + b"\n\n"
         finally:
             state.registry.release(name)
             await gen.aclose()

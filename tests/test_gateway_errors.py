@@ -21,7 +21,8 @@ CASES = [
     ("n too large", {**GOOD, "n": 100}, 400, "n"),
     ("too many stops", {**GOOD, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop"),
     ("unknown model", {**GOOD, "model": "gpt-17"}, 404, "model"),
-    ("over the context", {**GOOD, "max_tokens": 5000}, 413, None),
+    ("completion over the context", {**GOOD, "max_tokens": 5000}, 413, None),
+    ("prompt over the context", {**GOOD, "messages": [{"role": "user", "content": "word " * 3000}]}, 413, None),
     ("body over the size limit", {**GOOD, "messages": [{"role": "user", "content": "x" * 1_100_000}]}, 413, None),
 ]
 

@@ -54,7 +54,7 @@ def test_ppo_raises_a_rule_reward_within_the_kl_bound(real_model_dir, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    cfg = PPOConfig(steps=4, batch_size=16, minibatches=2, ppo_epochs=2, max_new_tokens=24, lr=3e-4, kl_stop=6.0)
+    cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, ppo_epochs=2, max_new_tokens=24, lr=3e-4, kl_stop=6.0)
     metrics = train_ppo(real_model_dir, SHORT_ANSWER_PROMPTS, tmp_path, rule_reward, cfg, quiet=True)
     assert metrics["stop"] == "steps done" and metrics["kl_last"] < cfg.kl_stop
     assert metrics["score_last"] > metrics["score_first"]
@@ -65,7 +65,7 @@ def test_ppo_raises_a_rule_reward_within_the_kl_bound(real_model_dir, tmp_path):
     tok = common.load_tokenizer(real_model_dir)
     base = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=common.pick_dtype(torch.device("cpu")))
     model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
-    prompts = [[{"role": "user", "content": p}] for p in SHORT_ANSWER_PROMPTS] * 2
+    prompts = [[{"role": "user", "content": p}] for p in SHORT_ANSWER_PROMPTS]
 
     def mean_rule_score(adapter_on: bool) -> float:
         torch.manual_seed(1)

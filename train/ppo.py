@@ -99,7 +99,7 @@ def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl
     """-kl_coef * KL at every token, plus the sequence's score at its last token."""
     rewards = -kl_coef * kl * mask
     last = mask.sum(1).long() - 1
-    rewards[torch.arange(len(scores)), last] += scores
+    rewards[torch.arange(len(scores), device=scores.device), last] += scores
     return rewards
 
 

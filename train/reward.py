@@ -54,7 +54,10 @@ class RewardConfig:
 def split_heldout(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
     """(train, held-out), split by a hash of the prompt so a prompt never lands on both sides
     and the split is the same on every run."""
-    key = lambda p: hashlib.sha256(json.dumps(p["prompt"], sort_keys=True).encode()).hexdigest()  # noqa: E731
+
+    def key(pair: dict) -> str:
+        return hashlib.sha256(json.dumps(pair["prompt"], sort_keys=True).encode()).hexdigest()
+
     prompts = sorted({key(p) for p in pairs})
     k = min(max(1, round(fraction * len(prompts))), len(prompts) - 1) if fraction > 0 and len(prompts) > 1 else 0
     heldout = set(prompts[:k])
@@ -141,8 +144,8 @@ def train_reward_model(
         for i in range(0, len(order), cfg.batch_size):
             model.train()
             chunk = [encoded[j] for j in order[i : i + cfg.batch_size]]
-            r = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id, device)
-            r_c, r_r = r[: len(chunk)], r[len(chunk) :]
+            both = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id, device)
+            r_c, r_r = both[: len(chunk)], both[len(chunk) :]
             loss = -F.logsigmoid(r_c - r_r - cfg.margin).mean() + cfg.center_coef * ((r_c + r_r) ** 2).mean()
             opt.zero_grad(set_to_none=True)
             loss.backward()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import AsyncIterator
 
 import aiohttp
+import orjson
 
 from serve.engines.base import EngineError, EngineUnavailable
 
@@ -181,7 +182,7 @@ class VLLMEngine:
                 data = raw[6:].strip()
                 if data == b"[DONE]":
                     return
-                chunk = json.loads(data)
+                chunk = orjson.loads(data)  # per token: orjson is several times faster than json
                 if "error" in chunk:
                     raise EngineError(500, chunk["error"].get("message", "engine error"))
                 yield chunk
@@ -224,6 +225,6 @@ def _upstream_error(status: int, text: str) -> EngineError:
         message = err.get("message") or text
     except (ValueError, AttributeError):
         message = text
-    if status == 400 and "context length" in message.lower():
+    if status == 400 and ("context length" in message.lower() or "max_model_len" in message):
         return EngineError(413, message, code="context_length_exceeded", param="messages")
     return EngineError(status if 400 <= status < 500 else 502, message)
