@@ -101,7 +101,9 @@ def worker(args) -> None:
 
 def run_side(side: str, args) -> dict:
     cmd = [sys.executable, __file__, "--worker", side, "--model", str(args.model), "--iterations", str(args.iterations), "--trl-dtype", args.trl_dtype]
-    env = {**os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TQDM_DISABLE": "1"}
+    # Passive OpenMP waiting: on a box shared with other busy processes, spinning threads slow
+    # torch down ~3x; both sides get the same setting.
+    env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
