@@ -80,6 +80,7 @@ def run_trl(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
         num_ppo_epochs=EPOCHS, response_length=RESPONSE_LEN, total_episodes=BATCH * iterations, stop_token="eos",
         temperature=TEMPERATURE, learning_rate=LR, missing_eos_penalty=1.0, num_sample_generations=0, report_to="none",
         save_strategy="no", logging_steps=1, local_rollout_forward_batch_size=BATCH, bf16=dtype == "bfloat16", seed=0,
+        use_cpu=not torch.cuda.is_available(),
     )
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward, train_dataset=dataset,

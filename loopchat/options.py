@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import click
@@ -44,3 +45,12 @@ def open_store(settings: Settings):
 
     settings.ensure_dirs()
     return Store(settings.db_path)
+
+
+def training_process() -> None:
+    """Call before torch loads in a process that trains beside a serving engine.
+
+    OpenMP's default spin-waiting makes torch's idle threads burn the cores vLLM needs (and
+    vice versa); measured here at load 7, a 16x100-token forward took 7.7 s spinning and 2.7 s
+    with PASSIVE waits."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

@@ -1,6 +1,7 @@
 """Settings shared by every command: where the data lives and which model serves.
 
-Precedence: command-line flag > environment variable (LOOPCHAT_*) > default.
+Precedence: command-line flag > environment variable (LOOPCHAT_DATA_DIR, LOOPCHAT_MODEL) > default.
+Each command's own options (ports, engine, thresholds) live with the command.
 """
 
 from __future__ import annotations
@@ -16,13 +17,6 @@ DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("LOOPCHAT_DATA_DIR", "./data")))
     model: Path | None = None  # a local HF checkpoint; None = the prepared default model
-    host: str = "127.0.0.1"
-    port: int = 8000
-    engine: str = "auto"  # auto | vllm | transformers
-    engine_urls: tuple[str, ...] = ()
-    engine_port: int = 8100
-    max_request_bytes: int = 1_000_000
-    max_model_len: int = 2048
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()

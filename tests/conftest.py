@@ -9,6 +9,8 @@
 from __future__ import annotations
 
 import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see loopchat.options.training_process
 import socket
 import sqlite3
 import subprocess

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from loopchat.options import ensure_model, open_store, settings_options
+from loopchat.options import ensure_model, open_store, settings_options, training_process
 
 
 def loop_options(func):
@@ -41,6 +41,7 @@ def cycle_config(settings, gateway, admin_key, no_promote, config_file):
 
 
 def _logging() -> None:
+    training_process()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import click
 
-from loopchat.options import ensure_model, settings_options
+from loopchat.options import ensure_model, settings_options, training_process
 
 FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
 DIR = click.Path(exists=True, file_okay=False, path_type=Path)
@@ -73,6 +73,7 @@ def common_options(func):
 @click.group("train")
 def train():
     """Run one training step on its own: SFT, reward model or PPO."""
+    training_process()
 
 
 @train.command("sft")
@@ -173,6 +174,7 @@ def ppo_command(settings, reward_model, prompts, init_adapter, batch_size, max_n
 @settings_options
 def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_new_tokens, as_json):
     """Run the promotion gate on an adapter and print its figures; exit 1 if it fails."""
+    training_process()
     from train.evaluate import GateConfig, evaluate_adapter
 
     from train.artifacts import check_adapter
