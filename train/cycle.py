@@ -131,7 +131,8 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if sft_rows:
         sft_metrics = train_sft(cfg.model_dir, sft_rows, work / "sft", cfg.sft, init_adapter=policy_init, quiet=True)
         policy_init = work / "sft"
-    step_done("reward_model", {"examples": len(sft_rows), "loss": sft_metrics.get("loss")})
+    step_done("reward_model", {"examples": len(sft_rows), "steps": sft_metrics.get("steps"),
+                               "loss": sft_metrics.get("train_loss")})
 
     # 3. Reward model on pairs (Bradley-Terry), accuracy on the held-out pairs.
     rm_metrics = train_reward_model(cfg.model_dir, pairs, work / "rm", cfg.rm,
