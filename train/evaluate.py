@@ -35,7 +35,9 @@ class GateConfig:
     canaries: tuple[str, ...] = ("Hello! Who are you?", "What is the capital of France?", "Say thank you in one short sentence.")
     canary_max_new_tokens: int = 128
     seed: int = 0
-    dtype: str = "auto"
+    # Full precision: in bf16 a left-padded batch shifts logits by ~0.7, enough to flip a greedy canary answer
+    # between near-tied tokens ("The capital..." vs "L'Étoile, la femme, la femme..." seen on a trained adapter).
+    dtype: str = "float32"
 
 
 def _check(value, threshold, passed) -> dict:
