@@ -146,6 +146,8 @@ def chromium():
     sync_api = pytest.importorskip("playwright.sync_api")
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("needs Debian's chromium at /usr/bin/chromium (apt-get install chromium)")
+    # Gradio's first load can take several seconds on 2 busy cores: 5 s (playwright's default) is flaky.
+    sync_api.expect.set_options(timeout=30_000)
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
         yield browser
