@@ -72,7 +72,9 @@ def prepare(out: Path, source: Path | None = None, log=print) -> Path:
             plain.generation_config.save_pretrained(tmp)
         tmp.chmod(0o755)
         (tmp / DONE_MARKER).write_text(json.dumps({"source": str(source)}))
-        if out.exists():
+        if is_prepared(out):  # another process finished first: keep its copy (it may be in use)
+            return out
+        if out.exists():  # a half-written leftover without the marker
             shutil.rmtree(out)
         tmp.rename(out)
     finally:

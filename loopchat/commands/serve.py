@@ -101,6 +101,8 @@ def up(settings, no_ui, no_worker, worker_interval, **opts):
         gr.mount_gradio_app(app, build_app(local_url), path="/ui", footer_links=[])
         app.add_api_route("/", lambda: RedirectResponse("/ui/"), include_in_schema=False)
 
+    if not opts["engine_urls"]:
+        ensure_model(settings)  # once, here, before the worker starts and looks for it too
     worker = None if no_worker else start_worker(settings, local_url, worker_interval)
     try:
         run_gateway(settings, **opts, mount=None if no_ui else mount_ui)
