@@ -21,21 +21,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.serving import _ready, free_port  # noqa: E402
-
-
-def random_adapter(model_dir: Path, out: Path, rank: int, seed: int) -> Path:
-    import torch
-    from peft import LoraConfig, get_peft_model
-    from transformers import AutoModelForCausalLM
-
-    torch.manual_seed(seed)
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(model_dir),
-                           LoraConfig(r=rank, lora_alpha=2 * rank, init_lora_weights=False, task_type="CAUSAL_LM",
-                                      target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
-    model.save_pretrained(out)
-    return out
+from loop_fixtures import random_adapter  # noqa: E402  (the same random LoRA the hot-swap tests use)
 
 
 class Load:
@@ -99,7 +87,7 @@ def main() -> None:
 
     data = Path(tempfile.mkdtemp(prefix="loopchat-swap-"))
     model_dir = Path(args.model)
-    src = random_adapter(model_dir, data / "src", args.rank, seed=1)
+    src = random_adapter(model_dir, data / "src", seed=1, rank=args.rank)
     version_dir = artifacts.publish(src, data / "adapters", base_model=str(model_dir))
     version = f"v{artifacts.load_manifest(version_dir)['version']}"
     cycles.record_adapter(Store(data / "loopchat.db"), version, str(version_dir),
