@@ -4,7 +4,10 @@
             a liked and a disliked answer to the same conversation, and a correction over the
             answer it corrects;
 - unpaired  {"prompt", "completion", "label"}  (KTO) from thumbs;
-- sft       {"messages"}                        from corrections and liked answers.
+- sft       {"messages"}                        from corrections, liked answers and the preferred answer
+            of each decided comparison (what users chose is the behaviour to imitate: with
+            answers sampled from the serving policy this is best-of-two distillation, and
+            it carries any preference the users have, not only the ones a reward model ranks).
 
 Every record also carries `source` and `meta` ({"conversation", "ids", "created_at"}: the
 feedback rows behind it, as "table:id", and the newest one's time), which TRL ignores and the
@@ -164,6 +167,7 @@ def _sft(store: Store) -> _Records:
     out = _Records()
     demonstrations = [(c, "correction") for c, _ in _corrections(store)]
     demonstrations += [(a, "thumbs") for a, liked in _thumbs(store) if liked]
+    demonstrations += [(winner, "comparison") for winner, _ in _decided_votes(store)]
     for answer, source in demonstrations:
         if answer.text.strip():
             out.add((answer.conversation, answer.text), {"messages": answer.prompt + _assistant(answer.text)},
@@ -182,7 +186,7 @@ def build_unpaired(store: Store, split: str = "all", since: float | None = None)
 
 
 def build_sft(store: Store, split: str = "all", since: float | None = None) -> list[dict]:
-    """Demonstrations: corrections and liked answers, as whole conversations."""
+    """Demonstrations: corrections, liked answers and comparison winners, as whole conversations."""
     return _sft(store).select(split, since)
 
 

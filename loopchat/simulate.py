@@ -393,7 +393,8 @@ def cycle_figures(row: dict) -> dict:
 def pair_task(gw: Gateway, judge: Judge, messages: list[dict], policy: str, base: str, sampling: dict,
               rng: random.Random):
     def task() -> dict:
-        (_, mine), (_, theirs) = gw.chat(messages, policy, **sampling), gw.chat(messages, base, **sampling)
+        # store=False: measuring must not feed the loop (stored answers become training prompts)
+        (_, mine), (_, theirs) = (gw.chat(messages, model, store=False, **sampling) for model in (policy, base))
         prompt = prompt_text(messages)
         flipped = rng.random() < 0.5  # the judge never knows which side is the policy
         choice = judge.vote(prompt, *((theirs, mine) if flipped else (mine, theirs)), rng, noisy=False)
@@ -417,7 +418,11 @@ def win_rate(gw: Gateway, judge: Judge, heldout: list, policy: str, base: str, s
     results = run_all(tasks, s.concurrency, Progress(f"{label} measuring", len(tasks), log))
     n = len(results)
     counts = {k: sum(r["outcome"] == k for r in results) for k in ("win", "tie", "loss")}
-    out = {"win_rate": round((counts["win"] + 0.5 * counts["tie"]) / n, 4) if n else None, "n": n, **counts,
+    points = [{"win": 1.0, "tie": 0.5, "loss": 0.0}[r["outcome"]] for r in results]
+    rate = sum(points) / n if n else None
+    spread = (sum((x - rate) ** 2 for x in points) / (n - 1)) ** 0.5 if n > 1 else None
+    out = {"win_rate": None if rate is None else round(rate, 4),
+           "ci95": None if spread is None else round(1.96 * spread / n ** 0.5, 4), "n": n, **counts,
            "policy_words": _mean(r["policy_words"] for r in results),
            "base_words": _mean(r["base_words"] for r in results), "seconds": round(time.monotonic() - started, 1)}
     if judge.score is not None:
@@ -484,14 +489,15 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'round':>5}  {'cycle':<16}{'win rate':>9}  {'W/T/L':<11}{'rm acc':>7}{'kl':>8}  "
+    lines = [f"{'round':>5}  {'cycle':<16}{'win rate (95% CI)':>18}  {'W/T/L':<11}{'rm acc':>7}{'kl':>8}  "
              f"{'votes':>5} {'thumbs':>6} {'fixes':>5}  {'cycle s':>7}"]
     for r in report["rounds"]:
         cyc, fb, ev = r.get("cycle") or {}, r.get("feedback") or {}, r["eval"]
         state = f"{cyc.get('state', '-')}" + (f" {cyc['version']}" if cyc.get("version") else "")
         thumbs = fb.get("thumbs_up", 0) + fb.get("thumbs_down", 0) if fb else None
         wtl = f"{ev['win']}/{ev['tie']}/{ev['loss']}"
-        lines.append(f"{r['round']:>5}  {state:<16}{_fmt(ev['win_rate']):>9}  "
+        rate = _fmt(ev["win_rate"]) + (f" +- {ev['ci95']:.3f}" if ev.get("ci95") is not None else "")
+        lines.append(f"{r['round']:>5}  {state:<16}{rate:>18}  "
                      f"{wtl:<11}{_fmt(cyc.get('rm_accuracy')):>7}"
                      f"{_fmt(cyc.get('kl')):>8}  {_fmt(fb.get('comparisons'), 'd'):>5} {_fmt(thumbs, 'd'):>6} "
                      f"{_fmt(fb.get('corrections'), 'd'):>5}  {_fmt((r.get('timings') or {}).get('cycle_s'), '.0f'):>7}")
@@ -519,7 +525,8 @@ def plot(report: dict, path: Path) -> None:
     xs = [r["round"] for r in rounds]
     cyc = [r for r in rounds if r.get("cycle")]
     fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
-    axes[0].plot(xs, [r["eval"]["win_rate"] for r in rounds], "o-", color="tab:blue")
+    axes[0].errorbar(xs, [r["eval"]["win_rate"] for r in rounds], yerr=[r["eval"].get("ci95") or 0 for r in rounds],
+                     fmt="o-", color="tab:blue", capsize=3)
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("win rate vs base")
     axes[0].set_ylim(0, 1)

@@ -27,8 +27,9 @@ class Recorder:
     """Collects one completion as its chunks pass, and turns it into a store row."""
 
     def __init__(self, *, user: str, model: str, served_by: str, messages: list[dict], sampling: dict,
-                 source: str = "chat"):
+                 source: str = "chat", store: bool = True):
         self.user, self.model, self.served_by, self.source = user, model, served_by, source
+        self.store = store
         self.messages, self.sampling = messages, sampling
         self.t0 = time.perf_counter()
         self.id: str | None = None
@@ -102,7 +103,7 @@ async def generate(state, req: ChatCompletionRequest, user: User, source: str = 
     """Run one request to the end (non-streamed) and store it; used by chat and comparisons."""
     name = state.registry.resolve(req.model)
     rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
-                   sampling=req.sampling(), source=source)
+                   sampling=req.sampling(), source=source, store=req.store)
     with state.registry.track(name):
         first, gen = await open_stream(state, name, rec.messages, rec.sampling)
         rec.add(first)
@@ -116,7 +117,7 @@ async def finish(state, rec: Recorder, status: str) -> None:
     if rec.ttft is not None:
         state.metrics.ttft.observe(rec.ttft)
     state.metrics.tokens.labels(rec.served_by).inc((rec.usage or {}).get("completion_tokens", 0))
-    if rec.id:
+    if rec.id and rec.store:
         await asyncio.to_thread(state.store.record_completion, rec.row(status))
 
 
@@ -128,7 +129,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
 
     name = state.registry.resolve(req.model)
     rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
-                   sampling=req.sampling())
+                   sampling=req.sampling(), store=req.store)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     state.registry.acquire(name)
     try:
@@ -159,7 +160,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
         finally:
             state.registry.release(name)
             await gen.aclose()
-            if not stored and rec.id:  # the client went away (or the engine failed): keep it, as incomplete
+            if not stored and rec.id and rec.store:  # the client went away (or the engine failed): keep it, as incomplete
                 state.store.record_completion(rec.row("incomplete"))
 
     return StreamingResponse(sse(), media_type="text/event-stream",

@@ -64,6 +64,8 @@ class ComparisonRequest(ChatCompletionRequest):
             raise ValueError("comparisons are not streamed; leave `stream` false")
         if self.n != 1:
             raise ValueError("comparisons take one choice per candidate; leave `n` at 1")
+        if not self.store:
+            raise ValueError("a comparison is stored to be voted on; leave `store` true")
         return self
 
 

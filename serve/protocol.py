@@ -46,6 +46,9 @@ class ChatCompletionRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=-2, le=2)
     frequency_penalty: float | None = Field(None, ge=-2, le=2)
     user: str | None = Field(None, max_length=256)
+    # OpenAI's flag, read the way this service means it: completions are stored (for feedback and
+    # training) unless the client says `store: false`; such answers cannot be rated or trained on.
+    store: bool = True
 
     @field_validator("stop")
     @classmethod

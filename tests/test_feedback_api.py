@@ -169,6 +169,7 @@ BAD_COMPARISONS = [
     ("three models", {**CHAT, "models": ["loopchat"] * 3}, 400, "models"),
     ("streamed", {**CHAT, "stream": True}, 400, None),
     ("two choices", {**CHAT, "n": 2}, 400, None),
+    ("not stored", {**CHAT, "store": False}, 400, None),
     ("no messages", {"model": "loopchat", "messages": []}, 400, "messages"),
 ]
 

@@ -68,6 +68,7 @@ def test_unpaired_and_sft(filled):
     assert strip_meta(build_sft(filled)) == [
         {"messages": user("q2") + assistant("right"), "source": "correction"},
         {"messages": user("q1") + assistant("good"), "source": "thumbs"},
+        {"messages": user("q3") + assistant("B"), "source": "comparison"},  # the winner; ties teach nothing
     ]
 
 
@@ -142,7 +143,7 @@ def test_stats_count_by_day_and_kind_and_what_each_source_yields(filled):
                              [("thumbs_up", 1), ("thumbs_down", 2), ("correction", 1), ("comparison", 4), ("vote", 3)]]
     assert stats["totals"] == {"thumbs_up": 1, "thumbs_down": 2, "correction": 1, "comparison": 4, "vote": 3}
     assert stats["yields"] == {"pairs": {"comparison": 1, "thumbs": 1, "correction": 1},
-                               "unpaired": {"thumbs": 3}, "sft": {"correction": 1, "thumbs": 1}}
+                               "unpaired": {"thumbs": 3}, "sft": {"correction": 1, "thumbs": 1, "comparison": 1}}
 
 
 def test_conversations_with_tool_turns_are_left_out(store):

@@ -57,6 +57,18 @@ def test_streamed_chat_ends_with_usage_and_is_stored(gateway, client):
     assert row["output"] == text and row["status"] == "complete"
 
 
+def test_store_false_answers_without_recording(gateway, client):
+    """Evaluation traffic opts out: answered (streamed or not), never stored, so never trained on."""
+    r = client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=8, temperature=0, store=False)
+    assert r.choices[0].message.content
+    chunks = list(client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=8, temperature=0,
+                                                 store=False, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert stored(gateway, r.id) is None and stored(gateway, chunks[0].id) is None
+    with pytest.raises(openai.NotFoundError):  # nothing to rate
+        client.post("/feedback", body={"completion_id": r.id, "rating": 1}, cast_to=object)
+
+
 def test_n_two_gives_two_choices(gateway, client):
     r = client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=12, n=2, temperature=1.0,
                                        seed=7)

@@ -75,7 +75,7 @@ def test_builtins_and_plugins():
 
 
 def test_table_and_plot(tmp_path):
-    ev = {"win_rate": 0.5, "n": 4, "win": 1, "tie": 2, "loss": 1}
+    ev = {"win_rate": 0.5, "ci95": 0.4, "n": 4, "win": 1, "tie": 2, "loss": 1}
     report = {"settings": {"preference": "concise", "noise": 0.1}, "base_model": "base", "total_s": 12.0,
               "final_win_rate": 0.75, "rounds": [
                   {"round": 0, "eval": ev},
@@ -83,7 +83,7 @@ def test_table_and_plot(tmp_path):
                    "feedback": {"comparisons": 8, "thumbs_up": 2, "thumbs_down": 2, "corrections": 1},
                    "cycle": {"state": "promoted", "version": "v1", "rm_accuracy": 0.8, "kl": 0.3}}]}
     text = table(report)
-    assert "promoted v1" in text and "0.750" in text and "0.800" in text
+    assert "promoted v1" in text and "0.750 +- 0.400" in text and "0.800" in text
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -141,6 +141,7 @@ def test_simulation_end_to_end(sim_service, tmp_path):
     for r in report["rounds"]:
         ev = r["eval"]
         assert ev["n"] == 3 and ev["win"] + ev["tie"] + ev["loss"] == 3 and 0 <= ev["win_rate"] <= 1
+        assert ev["ci95"] >= 0
     assert report["final_win_rate"] == report["rounds"][1]["eval"]["win_rate"]
     assert report["total_s"] <= time.monotonic() - started
 
@@ -166,7 +167,10 @@ def test_simulation_end_to_end(sim_service, tmp_path):
         users = {r[0] for r in db.execute("SELECT DISTINCT user FROM votes")} if _has(db, "votes", "user") else set()
         n_votes = db.execute("SELECT count(*) FROM votes").fetchone()[0]
         n_corrections = db.execute("SELECT count(*) FROM corrections").fetchone()[0]
+        stored = dict(db.execute("SELECT source, count(*) FROM completions GROUP BY source").fetchall())
     assert n_votes == 10 and n_corrections == fb["corrections"]
+    # Two answers per comparison and one per thumb; the measuring traffic (store: false) left nothing.
+    assert stored == {"comparison": 20, "chat": 6}
     assert users <= {"simulated-users"}
 
 

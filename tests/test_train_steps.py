@@ -116,6 +116,29 @@ def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, r
     assert no_rm["checks"]["reward_gain"]["passed"] is None and no_rm["checks"]["rm_accuracy"]["passed"] is None
 
 
+def test_gate_judges_only_on_enough_evidence(tiny_model_dir, sft_run, rm_run):
+    """Too few held-out pairs: RM accuracy is reported, not judged. The reward gain fails only
+    when the candidate is worse by more than `gain_tolerance_se` standard errors."""
+    sft_dir, _ = sft_run
+    rm_dir, _ = rm_run
+    cfg = GateConfig(max_new_tokens=8, canaries=(), min_rm_accuracy=1.01, min_heldout_pairs=len(PAIRS) + 1)
+    few = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS, heldout_pairs=PAIRS, cfg=cfg)
+    acc = few["checks"]["rm_accuracy"]
+    assert acc["passed"] is None and f"{len(PAIRS)} held-out pairs" in acc["skipped"] and 0 <= acc["value"] <= 1
+    enough = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS, heldout_pairs=PAIRS,
+                              cfg=GateConfig(**{**cfg.__dict__, "min_heldout_pairs": len(PAIRS)}))
+    assert enough["checks"]["rm_accuracy"]["passed"] is False
+
+    gain, se = few["checks"]["reward_gain"]["value"], few["figures"]["reward_gain_se"]
+    assert se > 0 and few["checks"]["reward_gain"]["threshold"] == pytest.approx(-se)
+    within = {**cfg.__dict__, "min_reward_gain": gain + se / 2}  # above the gain, within one standard error
+    assert evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS,
+                            cfg=GateConfig(**within))["checks"]["reward_gain"]["passed"]
+    exact = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS,
+                             cfg=GateConfig(**{**within, "gain_tolerance_se": 0.0}))
+    assert exact["checks"]["reward_gain"]["passed"] is False
+
+
 @pytest.fixture
 def cli():
     from loopchat.commands.train import eval_command, train

@@ -3,8 +3,12 @@
 Four checks, each with its figure and threshold (a check without its inputs is skipped):
   rm_accuracy  the reward model's held-out pair accuracy is above `min_rm_accuracy`
                (a reward model that cannot rank held-out pairs must not steer a policy);
-  reward_gain  on held-out prompts, the candidate's mean normalised RM score beats the
-               serving policy's (or the base model's) by at least `min_reward_gain`;
+               judged only on at least `min_heldout_pairs` pairs: on 7 pairs an RM that is
+               right 70% of the time fails a 0.6 threshold about a third of the time;
+  reward_gain  on held-out prompts, the candidate's mean normalised RM score, paired prompt by
+               prompt with the serving policy's (or the base model's), gains at least
+               `min_reward_gain` less `gain_tolerance_se` standard errors: a candidate fails
+               when it is measurably worse, not when a dozen samples happen to score lower;
   kl           the candidate's KL to the reference (the base model), nats per response on its
                own samples, is under `max_kl` (a guard against reward hacking and drift);
   canaries     every canary prompt gets a non-empty answer that ends with EOS (greedy).
@@ -26,7 +30,9 @@ from train.ppo import generate, response_logprobs
 @dataclass
 class GateConfig:
     min_rm_accuracy: float = 0.6
+    min_heldout_pairs: int = 20  # fewer and rm_accuracy is reported, not judged
     min_reward_gain: float = 0.0  # normalised RM units (std of training rewards)
+    gain_tolerance_se: float = 1.0
     max_kl: float = 10.0  # nats per response
     max_prompts: int = 64  # held-out prompts used for reward and KL
     batch_size: int = 16
@@ -120,8 +126,12 @@ def evaluate_adapter(
     if reward_model is None:
         checks["rm_accuracy"] = _skipped("no reward model")
     else:
-        acc = reward_model.accuracy_on(heldout_pairs) if heldout_pairs is not None else reward_model.accuracy
-        checks["rm_accuracy"] = _check(acc, cfg.min_rm_accuracy, acc is not None and acc > cfg.min_rm_accuracy)
+        acc = reward_model.accuracy_on(heldout_pairs) if heldout_pairs else reward_model.accuracy
+        if heldout_pairs is not None and len(heldout_pairs) < cfg.min_heldout_pairs:
+            why = f"{len(heldout_pairs)} held-out pairs; judged from {cfg.min_heldout_pairs}"
+            checks["rm_accuracy"] = {**_skipped(why), "value": acc}
+        else:
+            checks["rm_accuracy"] = _check(acc, cfg.min_rm_accuracy, acc is not None and acc > cfg.min_rm_accuracy)
 
     kl_prompts = held_out or canaries
     candidate = _samples(model, tokenizer, kl_prompts, cfg, "candidate", cfg.temperature, cfg.max_new_tokens)
@@ -135,11 +145,14 @@ def evaluate_adapter(
         texts = [t for b in candidate for t in b["texts"]]
         baseline = _samples(model, tokenizer, held_out, cfg, "baseline" if baseline_adapter else None, cfg.temperature, cfg.max_new_tokens)
         base_texts = [t for b in baseline for t in b["texts"]]
-        new_score = float(reward_model(held_out, texts).mean())
-        old_score = float(reward_model(held_out, base_texts).mean())
-        figures.update(reward_candidate=new_score, reward_baseline=old_score, baseline="serving adapter" if baseline_adapter else "base model")
-        gain = new_score - old_score
-        checks["reward_gain"] = _check(gain, cfg.min_reward_gain, gain >= cfg.min_reward_gain)
+        new, old = reward_model(held_out, texts).float(), reward_model(held_out, base_texts).float()
+        diff = new - old
+        gain = float(diff.mean())
+        se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+        figures.update(reward_candidate=float(new.mean()), reward_baseline=float(old.mean()), reward_gain_se=se,
+                       baseline="serving adapter" if baseline_adapter else "base model")
+        threshold = cfg.min_reward_gain - cfg.gain_tolerance_se * se
+        checks["reward_gain"] = _check(gain, threshold, gain >= threshold)
 
     answers = _samples(model, tokenizer, canaries, cfg, "candidate", 0.0, cfg.canary_max_new_tokens)
     texts = [t for b in answers for t in b["texts"]]
