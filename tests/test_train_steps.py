@@ -109,7 +109,8 @@ def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, r
     assert set(checks) == {"rm_accuracy", "reward_gain", "kl", "canaries"}
     assert all(c["value"] is not None for c in checks.values())
     assert checks["kl"]["value"] > 0.1 and checks["kl"]["passed"]
-    assert verdict["canary_answers"][0]["prompt"] == "Say apple." and isinstance(verdict["passed"], bool)
+    assert [a["prompt"] for a in verdict["canary_answers"]] == ["Say apple."] * cfg.canary_samples
+    assert isinstance(verdict["passed"], bool)
     strict = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS[:4], cfg=GateConfig(**{**cfg.__dict__, "min_rm_accuracy": 1.01, "max_kl": 0.0}))
     assert not strict["passed"] and not strict["checks"]["rm_accuracy"]["passed"] and not strict["checks"]["kl"]["passed"]
     no_rm = evaluate_adapter(tiny_model_dir, sft_dir, cfg=cfg)
@@ -137,6 +138,21 @@ def test_gate_judges_only_on_enough_evidence(tiny_model_dir, sft_run, rm_run):
     exact = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS,
                              cfg=GateConfig(**{**within, "gain_tolerance_se": 0.0}))
     assert exact["checks"]["reward_gain"]["passed"] is False
+
+
+def test_canaries_are_judged_against_the_baseline(tiny_model_dir, sft_run):
+    """The same adapter as candidate and baseline: the same seeded samples, the same share of
+    finished answers; it passes with no tolerance and fails when it must beat itself."""
+    sft_dir, _ = sft_run
+    cfg = GateConfig(max_new_tokens=4, canary_max_new_tokens=6, canaries=("Say apple.", "Say river."),
+                     canary_samples=3, canary_tolerance=0.0)
+    same = evaluate_adapter(tiny_model_dir, sft_dir, baseline_adapter=sft_dir, cfg=cfg)
+    check = same["checks"]["canaries"]
+    assert check["passed"] and check["value"] == same["figures"]["canaries_baseline"] == check["threshold"]
+    assert len(same["canary_answers"]) == 6
+    better = evaluate_adapter(tiny_model_dir, sft_dir, baseline_adapter=sft_dir,
+                              cfg=GateConfig(**{**cfg.__dict__, "canary_tolerance": -0.01}))
+    assert better["checks"]["canaries"]["passed"] is False
 
 
 @pytest.fixture

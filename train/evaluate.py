@@ -11,7 +11,12 @@ Four checks, each with its figure and threshold (a check without its inputs is s
                when it is measurably worse, not when a dozen samples happen to score lower;
   kl           the candidate's KL to the reference (the base model), nats per response on its
                own samples, is under `max_kl` (a guard against reward hacking and drift);
-  canaries     every canary prompt gets a non-empty answer that ends with EOS (greedy).
+  canaries     on canary prompts, the share of sampled answers that are non-empty and end with
+               EOS is at most `canary_tolerance` below the baseline's. Sampled and relative, not
+               greedy and absolute: the base model's own first token for "What is the capital of
+               France?" is "The" at p=0.155 against "L" at 0.140, so any adapter may flip the greedy
+               answer into "L'Étoile, la femme, ..." without changing what users get, and the base
+               itself does not finish "Say thank you in one short sentence." within 64 tokens.
 One base model is loaded; the candidate, the baseline adapter and the base itself are
 switched with peft's adapter controls.
 """
@@ -39,10 +44,11 @@ class GateConfig:
     max_new_tokens: int = 64
     temperature: float = 0.7
     canaries: tuple[str, ...] = ("Hello! Who are you?", "What is the capital of France?", "Say thank you in one short sentence.")
+    canary_samples: int = 4  # answers per canary prompt, for the candidate and the baseline alike
     canary_max_new_tokens: int = 128
+    canary_tolerance: float = 0.25
     seed: int = 0
-    # Full precision: in bf16 a left-padded batch shifts logits by ~0.7, enough to flip a greedy canary answer
-    # between near-tied tokens ("The capital..." vs "L'Étoile, la femme, la femme..." seen on a trained adapter).
+    # Full precision: in bf16 a left-padded batch shifts logits by ~0.7 against the same prompt alone.
     dtype: str = "float32"
 
 
@@ -154,12 +160,24 @@ def evaluate_adapter(
         threshold = cfg.min_reward_gain - cfg.gain_tolerance_se * se
         checks["reward_gain"] = _check(gain, threshold, gain >= threshold)
 
-    answers = _samples(model, tokenizer, canaries, cfg, "candidate", 0.0, cfg.canary_max_new_tokens)
-    texts = [t for b in answers for t in b["texts"]]
-    ended = [bool(e) for b in answers for e in b["ended"]]
-    canary_answers = [{"prompt": c, "answer": t, "ended": e} for c, t, e in zip(cfg.canaries, texts, ended)]
-    good = sum(1 for a in canary_answers if a["answer"].strip() and a["ended"])
-    checks["canaries"] = _check(good, len(canary_answers), good == len(canary_answers))
+    canary_answers = []
+    if canaries:
+        asked = [c for c in canaries for _ in range(cfg.canary_samples)]
+        baseline_name = "baseline" if baseline_adapter else None
+        good = {}
+        for name in ("candidate", baseline_name):
+            batches = _samples(model, tokenizer, asked, cfg, name, cfg.temperature, cfg.canary_max_new_tokens)
+            texts = [t for b in batches for t in b["texts"]]
+            ended = [bool(e) for b in batches for e in b["ended"]]
+            good[name] = sum(bool(t.strip()) and e for t, e in zip(texts, ended)) / len(asked)
+            if name == "candidate":
+                canary_answers = [{"prompt": p[-1]["content"], "answer": t, "ended": e}
+                                  for p, t, e in zip(asked, texts, ended)]
+        figures.update(canaries_baseline=good[baseline_name])
+        threshold = good[baseline_name] - cfg.canary_tolerance
+        checks["canaries"] = _check(good["candidate"], threshold, good["candidate"] >= threshold)
+    else:
+        checks["canaries"] = _skipped("no canary prompts")
 
     figures.update(held_out_prompts=len(held_out), kl_on="held-out prompts" if held_out else "canaries")
     passed = all(c["passed"] for c in checks.values() if c["passed"] is not None)
