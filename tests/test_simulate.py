@@ -72,6 +72,10 @@ def test_builtins_and_plugins():
     assert all(always_a.vote("q", "x", "y", rng, noisy=False) == "a" for _ in range(50))
     with pytest.raises(SimulationError):
         Judge(lambda p, a, b: "maybe").vote("q", "x", "y", rng)
+    plain = load_judge("bench.preferences:plain_words")  # the benchmark's non-built-in user: pairwise only
+    assert plain.score is None and plain.correct is None
+    assert plain.vote("q", "It is big and old.", "Its magnificence is considerable.", rng, noisy=False) == "a"
+    assert plain.vote("q", "A cat sat.", "A dog sat.", rng, noisy=False) == "tie"
 
 
 def test_table_and_plot(tmp_path):

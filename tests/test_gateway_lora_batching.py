@@ -1,0 +1,51 @@
+"""Base-model requests batched next to adapter requests on vLLM's CPU build are answered by
+the base model (serve/engines/vllm_cpu_lora.py): without the plugin, once the last LoRA slot
+is taken, base rows get that slot's adapter."""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from loop_fixtures import random_adapter
+
+pytestmark = pytest.mark.slow
+
+PROMPTS = ["What is a volcano?", "Why is the sky blue?", "How do bees make honey?", "What is erosion?"]
+MAX_LORAS = 4  # as serve/engines/vllm.py starts vLLM
+
+
+def ask(url: str, model: str, prompt: str) -> str:
+    r = httpx.post(url + "/v1/chat/completions", timeout=300, json={
+        "model": model, "messages": [{"role": "user", "content": prompt}], "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["message"]["content"]
+
+
+@pytest.fixture
+def every_slot_taken(vllm_gateway, model_dir, tmp_path):
+    """MAX_LORAS random adapters loaded and each used once, so every slot (the last included) holds one."""
+    url, names = vllm_gateway.engine_url, [f"batching-{i}" for i in range(MAX_LORAS)]
+    for i, name in enumerate(names):
+        path = random_adapter(model_dir, tmp_path / name, seed=500 + i)
+        r = httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": name, "lora_path": str(path)}, timeout=300)
+        assert r.status_code == 200, r.text
+        ask(url, name, "Hi")
+    yield url, names
+    for name in names:
+        httpx.post(url + "/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+
+
+def test_base_rows_in_a_mixed_batch_get_no_adapter(every_slot_taken, model_dir):
+    url, names = every_slot_taken
+    base = model_dir.name  # vLLM serves the base model under its directory's name
+    alone = {p: ask(url, base, p) for p in PROMPTS}
+    adapted = {(n, p): ask(url, n, p) for n in names for p in PROMPTS}
+    assert all(adapted[n, p] != alone[p] for n in names for p in PROMPTS)  # any adapter leaking in would show
+    with ThreadPoolExecutor(2 * len(PROMPTS)) as pool:
+        mixed = {p: pool.submit(ask, url, base, p) for p in PROMPTS}
+        for n, p in zip(names, PROMPTS):
+            pool.submit(ask, url, n, p)
+        mixed = {p: f.result() for p, f in mixed.items()}
+    assert mixed == alone
