@@ -60,6 +60,10 @@ def _skipped(why: str) -> dict:
     return {"value": None, "threshold": None, "passed": None, "skipped": why}
 
 
+def _flat(batches: list[dict], key: str) -> list:
+    return [x for b in batches for x in b[key]]
+
+
 def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, temperature: float, max_new_tokens: int) -> list[dict]:
     """Generate with one adapter active (None = the base model), batch by batch, seeded."""
     torch.manual_seed(cfg.seed)
@@ -127,6 +131,7 @@ def evaluate_adapter(
         reward_model = RewardModel(reward_model, model_dir)
     held_out = data.read_prompts(prompts)[: cfg.max_prompts] if prompts is not None else []
     canaries = [[{"role": "user", "content": c}] for c in cfg.canaries]
+    baseline_name = "baseline" if baseline_adapter is not None else None  # None: the base model
     checks, figures = {}, {}
 
     if reward_model is None:
@@ -148,10 +153,9 @@ def evaluate_adapter(
     if reward_model is None or not held_out:
         checks["reward_gain"] = _skipped("no reward model" if reward_model is None else "no held-out prompts")
     else:
-        texts = [t for b in candidate for t in b["texts"]]
-        baseline = _samples(model, tokenizer, held_out, cfg, "baseline" if baseline_adapter else None, cfg.temperature, cfg.max_new_tokens)
-        base_texts = [t for b in baseline for t in b["texts"]]
-        new, old = reward_model(held_out, texts).float(), reward_model(held_out, base_texts).float()
+        baseline = _samples(model, tokenizer, held_out, cfg, baseline_name, cfg.temperature, cfg.max_new_tokens)
+        new = reward_model(held_out, _flat(candidate, "texts")).float()
+        old = reward_model(held_out, _flat(baseline, "texts")).float()
         diff = new - old
         gain = float(diff.mean())
         se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
@@ -163,12 +167,10 @@ def evaluate_adapter(
     canary_answers = []
     if canaries:
         asked = [c for c in canaries for _ in range(cfg.canary_samples)]
-        baseline_name = "baseline" if baseline_adapter else None
         good = {}
         for name in ("candidate", baseline_name):
             batches = _samples(model, tokenizer, asked, cfg, name, cfg.temperature, cfg.canary_max_new_tokens)
-            texts = [t for b in batches for t in b["texts"]]
-            ended = [bool(e) for b in batches for e in b["ended"]]
+            texts, ended = _flat(batches, "texts"), [bool(e) for e in _flat(batches, "ended")]
             good[name] = sum(bool(t.strip()) and e for t, e in zip(texts, ended)) / len(asked)
             if name == "candidate":
                 canary_answers = [{"prompt": p[-1]["content"], "answer": t, "ended": e}
