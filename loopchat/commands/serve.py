@@ -112,6 +112,15 @@ def up(settings, no_ui, no_worker, worker_interval, **opts):
             worker.wait(30)
 
 
+def _die_with_parent() -> None:
+    """In the child: SIGTERM when the gateway's process ends. uvicorn re-raises the SIGTERM it
+    shut down on, so `up` dies before its `finally` could stop the worker."""
+    import ctypes
+    import signal
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
+
+
 def start_worker(settings, gateway_url: str, interval: float) -> subprocess.Popen:
     """The retrain worker as its own process, so training never slows serving."""
     env = dict(os.environ)
@@ -124,6 +133,6 @@ def start_worker(settings, gateway_url: str, interval: float) -> subprocess.Pope
         cmd += ["--model", str(settings.model)]
     settings.ensure_dirs()
     with open(settings.logs_dir / "worker.log", "ab") as logf:
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)
     log.info("retrain worker started (pid %d, log: %s)", proc.pid, settings.logs_dir / "worker.log")
     return proc
