@@ -371,13 +371,17 @@ def request_cycle(gw: Gateway, s: SimSettings, log: Log) -> int:
 
 def wait_cycle(gw: Gateway, cycle_id: int, s: SimSettings, log: Log) -> dict:
     started, state = time.monotonic(), None
+    published_at = started
     while True:
         row = gw.cycle(cycle_id)
         if row["state"] != state:
             state = row["state"]
             log(f"  cycle {cycle_id}: {state} ({time.monotonic() - started:.0f} s)")
-        if state in FINAL_STATES:
+        # `published` is final only for a worker with no gateway to promote through: give the promotion a minute.
+        if state in FINAL_STATES and (state != "published" or time.monotonic() - published_at > 60):
             return row
+        if state != "published":
+            published_at = time.monotonic()
         if time.monotonic() - started > s.cycle_timeout:
             raise SimulationError(f"cycle {cycle_id} still {state} after {s.cycle_timeout:.0f} s")
         time.sleep(s.poll_s)
