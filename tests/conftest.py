@@ -15,6 +15,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -170,3 +171,84 @@ def open_page(chromium):
     yield open_
     for context in contexts:
         context.close()
+
+
+# ---- the fast tier: the real gateway app in this process, in front of tests/fake_engine.py ----------------
+class InProcessGateway:
+    """`serve.gateway.create_app` on a real port (uvicorn in a thread), a real SQLite file, and the
+    fake engine. Starts in well under a second; `.engine` is the FakeEngine, `.store` the Store.
+    Has the same `.url`, `.db()` and `.db_path` as `Server`."""
+
+    def __init__(self, data_dir: Path, *, keys: dict[str, bool] | None = None, token_delay: float = 0.0,
+                 **config):
+        import uvicorn
+
+        from fake_engine import FakeEngine
+        from feedback import Store
+        from serve.gateway import GatewayConfig, create_app
+
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = Store(self.db_path)
+        self.keys = {name: self.store.create_key(name, admin=admin) for name, admin in (keys or {}).items()}
+        self.engine = FakeEngine(token_delay=token_delay)
+        self.app = create_app(self.store, self.engine, GatewayConfig(keys_required=bool(keys), **config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "loopchat.db"
+
+    def db(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.db_path, timeout=10)
+        conn.row_factory = sqlite3.Row
+        return conn
+
+    def headers(self, who: str) -> dict:
+        return {"Authorization": f"Bearer {self.keys[who]}"}
+
+    def start(self, timeout: float = 30) -> "InProcessGateway":
+        self.thread.start()
+        wait_for(lambda: self.server.started and httpx.get(self.url + "/readyz").status_code == 200, timeout,
+                 "the in-process gateway to be ready")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(30)
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
+    """Poll `condition` until it returns something truthy (returned) or `timeout` s pass (AssertionError).
+    Tests wait for what they expect with a generous deadline; they never sleep and then assert."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            value = condition()
+        except httpx.HTTPError:
+            value = None
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(interval)
+
+
+@pytest.fixture
+def fake_gateway(tmp_path):
+    """An open-mode in-process gateway with the fake engine (fresh per test)."""
+    gw = InProcessGateway(tmp_path / "gw").start()
+    yield gw
+    gw.stop()
+
+
+@pytest.fixture(scope="module")
+def fake_keyed_gateway(tmp_path_factory):
+    """Keys required: alice and bob (users), ops (admin); `.headers(name)` gives the bearer header."""
+    gw = InProcessGateway(tmp_path_factory.mktemp("fake-keyed"),
+                          keys={"alice": False, "bob": False, "ops": True}).start()
+    yield gw
+    gw.stop()

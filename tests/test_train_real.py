@@ -6,6 +6,7 @@ import random
 import pytest
 import torch
 
+import hardware
 from train import common
 from train.artifacts import check_adapter
 from train.ppo import PPOConfig, generate, train_ppo
@@ -63,7 +64,7 @@ def test_ppo_raises_a_rule_reward_within_the_kl_bound(real_model_dir, tmp_path):
     # The adapter loads into transformers + peft and, sampling with the same seed, answers
     # score higher under the rule than the base model's.
     tok = common.load_tokenizer(real_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=common.pick_dtype(torch.device("cpu")))
+    base = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=hardware.choose(device="cpu").torch_dtype)
     model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
     prompts = [[{"role": "user", "content": p}] for p in SHORT_ANSWER_PROMPTS]
 

@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+import hardware
 from train import common, data
 from train.ppo import generate, response_logprobs
 
@@ -123,7 +124,7 @@ def evaluate_adapter(
     device = common.pick_device()
     common.quiet_transformers()
     tokenizer = common.load_tokenizer(model_dir)
-    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=common.pick_dtype(device, cfg.dtype))
+    base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=hardware.choose(cfg.dtype, device.type).torch_dtype)
     model = PeftModel.from_pretrained(base, str(adapter_dir), adapter_name="candidate").to(device).eval()
     if baseline_adapter is not None:
         model.load_adapter(str(baseline_adapter), adapter_name="baseline")

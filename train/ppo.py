@@ -34,6 +34,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+import hardware
 from train import common, data
 from train.sft import lora_config
 
@@ -287,7 +288,7 @@ def train_ppo(
         raise data.DataError("no prompts to train on")
     common.seed_all(cfg.seed)
     device = common.pick_device()
-    dtype = common.pick_dtype(device, cfg.dtype)
+    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
     tokenizer = common.load_tokenizer(model_dir)
     model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
     value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import hardware
 from train import common, data
 from train.sft import lora_config
 
@@ -114,7 +115,7 @@ def train_reward_model(
     out_dir = Path(out_dir)
     common.seed_all(cfg.seed)
     device = common.pick_device()
-    dtype = common.pick_dtype(device, cfg.dtype)
+    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
     tokenizer = common.load_tokenizer(model_dir)
     pairs = data.read_pairs(records)
     if eval_records is not None:
@@ -209,7 +210,7 @@ class RewardModel:
         model_dir = model_dir or self.stats["base_model"]
         self.device = common.pick_device()
         common.quiet_transformers()
-        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=common.pick_dtype(self.device, dtype))
+        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=hardware.choose(dtype, self.device.type).torch_dtype)
         base.score.float()
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id

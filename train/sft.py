@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import hardware
 from train import common, data
 
 
@@ -108,7 +109,7 @@ def train_sft(
     out_dir = Path(out_dir)
     common.seed_all(cfg.seed)
     device = common.pick_device()
-    dtype = common.pick_dtype(device, cfg.dtype)
+    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
     tokenizer = common.load_tokenizer(model_dir)
     train_ex = make_examples(tokenizer, data.read_sft(records), cfg.max_len)
     eval_ex = make_examples(tokenizer, data.read_sft(eval_records), cfg.max_len) if eval_records is not None else []
