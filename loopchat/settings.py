@@ -1,6 +1,7 @@
 """Settings shared by every command: where the data lives and which model serves.
 
-Precedence: command-line flag > environment variable (LOOPCHAT_DATA_DIR, LOOPCHAT_MODEL) > default.
+Precedence: command-line flag > environment variable (LOOPCHAT_DATA_DIR, LOOPCHAT_MODEL,
+LOOPCHAT_MAX_LORA_RANK) > default.
 Each command's own options (ports, engine, thresholds) live with the command.
 """
 
@@ -11,12 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+# The largest LoRA rank the server accepts (vLLM's --max-lora-rank); training caps its rank by it
+# and promotion refuses a larger adapter. vLLM sizes its LoRA buffers by it, so keep it small.
+DEFAULT_MAX_LORA_RANK = 16
 
 
 @dataclass
 class Settings:
     data_dir: Path = field(default_factory=lambda: Path(os.environ.get("LOOPCHAT_DATA_DIR", "./data")))
     model: Path | None = None  # a local HF checkpoint; None = the prepared default model
+    max_lora_rank: int = field(default_factory=lambda: int(os.environ.get("LOOPCHAT_MAX_LORA_RANK",
+                                                                          DEFAULT_MAX_LORA_RANK)))
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir).resolve()
@@ -40,6 +46,11 @@ class Settings:
     @property
     def logs_dir(self) -> Path:
         return self.data_dir / "logs"
+
+    @property
+    def cache_dir(self) -> Path:
+        """vLLM's and torch inductor's compile caches: kept so that a second start is quick."""
+        return self.data_dir / "cache"
 
     @property
     def model_dir(self) -> Path:

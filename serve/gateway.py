@@ -26,6 +26,7 @@ class GatewayConfig:
     keys_required: bool = False
     max_body_bytes: int = 1_000_000
     feedback_rate_limit: int = 0  # feedback posts per user per minute; 0 = no limit
+    max_lora_rank: int = 16  # the engine's limit: promotion refuses larger adapters with a 400
 
 
 router = APIRouter()
@@ -40,7 +41,8 @@ async def healthz():
 async def readyz(request: Request):
     state = request.app.state
     if await state.engine.ready() and not state.registry.restoring:
-        return {"status": "ready", "engine": state.engine.kind, "serving": state.registry.serving}
+        return {"status": "ready", "engine": state.engine.kind, "serving": state.registry.serving,
+                **state.engine.info}
     raise errors.APIError(503, f"The {state.engine.kind} engine is not ready yet.", code="engine_unavailable")
 
 
@@ -72,7 +74,9 @@ def create_app(store: Store, engine: Engine, config: GatewayConfig | None = None
     app.state.engine = engine
     app.state.registry = Registry(engine.served_name)
     app.state.metrics = Metrics(store)
+    app.state.metrics.engine.info({"kind": engine.kind, **engine.info})
     app.state.keys_required = config.keys_required
+    app.state.max_lora_rank = config.max_lora_rank
     app.state.swap_lock = asyncio.Lock()
     app.state.feedback_limiter = SlidingWindow(config.feedback_rate_limit)
     errors.install(app)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import time
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -47,6 +47,7 @@ class Metrics:
         self.serving = Gauge("loopchat_serving_policy_version", "Adapter version behind the `loopchat` alias "
                              "(0 = the base model)", registry=r)
         self.feedback = Counter("loopchat_feedback", "Feedback received by kind", ["kind"], registry=r)
+        self.engine = Info("loopchat_engine", "The engine and how it computes (dtype, device, why)", registry=r)
         self.last_promotion = Gauge("loopchat_last_promotion_timestamp_seconds", "When the alias last moved",
                                     registry=r)
 

@@ -4,10 +4,16 @@
 - `vllm_gateway`: `loopchat up --engine vllm` as a real process on the real model (open mode).
 - `hf_gateway`: `loopchat up --engine transformers` as a real process (open mode).
 - `keyed_gateway`: a second gateway with API keys, in front of vllm_gateway's vLLM server.
+
+The fast tier (not marked slow) uses `fake_gateway` / `fake_keyed_gateway`: the real gateway app
+in this process in front of tests/fake_engine.py. Helpers every tier shares: `wait_for` (never
+sleep and then assert), `assert_error` (OpenAI's error shape), `ask` and `StreamingLoad` (hot swaps
+under load).
 """
 
 from __future__ import annotations
 
+import json
 import os
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads: see loopchat.options.training_process
@@ -87,8 +93,13 @@ class Server:
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
         """Run a `loopchat` command against this server's data dir."""
-        return subprocess.run(LOOPCHAT + list(args) + ["--data-dir", str(self.data_dir)], capture_output=True,
-                              text=True, cwd=ROOT, input=input, timeout=600)
+        return run_cli(self.data_dir, *args, input=input)
+
+
+def run_cli(data_dir: Path, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+    """`loopchat ARGS --data-dir DATA_DIR` as a real process."""
+    return subprocess.run(LOOPCHAT + list(args) + ["--data-dir", str(data_dir)], capture_output=True, text=True,
+                          cwd=ROOT, input=input, timeout=600)
 
 
 @pytest.fixture(scope="session")
@@ -210,6 +221,18 @@ class InProcessGateway:
     def headers(self, who: str) -> dict:
         return {"Authorization": f"Bearer {self.keys[who]}"}
 
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
+        """Run a `loopchat` command against this gateway's data dir."""
+        return run_cli(self.data_dir, *args, input=input)
+
+    def publish_adapter(self, rank: int = 8) -> str:
+        """Publish and record a LoRA-shaped adapter folder the way a cycle does; its version ("vN").
+        The fake engine loads names, not weights, so the folder holds placeholder weights."""
+        from loop_fixtures import fake_adapter, publish
+
+        src = fake_adapter(self.data_dir / "adapter-src" / f"r{rank}-{time.monotonic_ns()}", rank)
+        return publish(self.db_path, src, base_model=self.engine.served_name)
+
     def start(self, timeout: float = 30) -> "InProcessGateway":
         self.thread.start()
         wait_for(lambda: self.server.started and httpx.get(self.url + "/readyz").status_code == 200, timeout,
@@ -235,6 +258,94 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.05):
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout} s waiting for {what}")
         time.sleep(interval)
+
+
+def assert_error(r: httpx.Response, status: int, param: str | None = None, code: str | None = None) -> dict:
+    """`r` is an error in OpenAI's shape with this status (and param, code when given); the error dict."""
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"], err
+    if param is not None:
+        assert err["param"] == param, err
+    if code is not None:
+        assert err["code"] == code, err
+    return err
+
+
+def ask(url: str, model: str = "loopchat") -> str:
+    """The engine model that answers a short non-streamed request now."""
+    r = httpx.post(url + "/v1/chat/completions", timeout=120,
+                   json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    return r.json()["model"]
+
+
+class StreamingLoad:
+    """`clients` threads streaming chat completions back to back while the `with` block runs.
+
+    `.results` gets one dict per request: ok (200 and the stream ended with [DONE]), status, prompt,
+    started (time.monotonic() when it was sent) and, when ok, id, model (the engine model that
+    answered) and text. `switch()` moves the alias under this load and records when."""
+
+    def __init__(self, url: str, clients: int = 8, max_tokens: int = 12):
+        self.url, self.max_tokens = url, max_tokens
+        self.results: list[dict] = []
+        self.phases: list[tuple[float, str]] = []  # (when the alias moved, the engine model it moved to)
+        self.stop = threading.Event()
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+
+    def _client(self, i: int) -> None:
+        prompt = f"Name a color, client {i}."
+        body = {"model": "loopchat", "stream": True, "max_tokens": self.max_tokens, "temperature": 0.8,
+                "messages": [{"role": "user", "content": prompt}]}
+        with httpx.Client(timeout=300) as http:
+            while not self.stop.is_set():
+                result = {"ok": False, "prompt": prompt, "started": time.monotonic()}
+                try:
+                    with http.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
+                        result["status"] = r.status_code
+                        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+                except httpx.HTTPError as e:
+                    result["status"] = repr(e)
+                else:
+                    if r.status_code == 200 and events and events[-1] == "[DONE]":
+                        chunks = [json.loads(e) for e in events[:-1]]
+                        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+                        result.update(ok=True, id=chunks[0]["id"], model=chunks[0]["model"], text=text)
+                self.results.append(result)
+
+    def __enter__(self) -> "StreamingLoad":
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(300)
+
+    def ok_since(self, t: float) -> list[dict]:
+        return [x for x in self.results if x["ok"] and x["started"] > t]
+
+    def failures(self) -> list[dict]:
+        return [x for x in self.results if not x["ok"]]
+
+    def switch(self, admin: httpx.Client, path: str, version: str, timeout: float = 180) -> None:
+        """POST the admin `path` (a promotion or rollback) that moves the alias to `version`, check the
+        very next request gets it, then wait until a streamed answer sent after the switch has finished."""
+        r = admin.post(path)
+        assert r.status_code == 200, r.text
+        assert r.json()["serving"] == version, r.json()
+        switched, name = time.monotonic(), f"policy-{version}"
+        self.phases.append((switched, name))
+        assert ask(self.url) == name
+        wait_for(lambda: self.ok_since(switched), timeout, f"a streamed answer sent after the switch to {version}")
+
+    def served_by_phase(self) -> list[set[str]]:
+        """For each switch, the engine models that answered the requests sent after it (and before the next)."""
+        ends = [t for t, _ in self.phases[1:]] + [float("inf")]
+        return [{x["model"] for x in self.results if x["ok"] and start < x["started"] < end}
+                for (start, _), end in zip(self.phases, ends)]
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ usage on the last chunk, adapters as names. Knobs a test can turn:
 
 - `up`: False makes it unavailable (`ready()` False, `stream` raises EngineUnavailable);
 - `token_delay`: seconds between words (for disconnects and hot swaps under load);
+- `hold`: True stops every stream before its next word until it is set back to False;
 - `fail_load`: names whose load raises EngineError(404) like vLLM's missing path;
 - `running` / `aborted`: how many streams are being generated now / were closed before their end.
 
@@ -36,10 +37,12 @@ def answer(model: str, messages: list[dict], index: int = 0, length: int = 8) ->
 
 class FakeEngine:
     kind = "fake"
+    info = {"dtype": "float32", "device": "cpu", "reason": "a fake engine computes nothing"}
 
     def __init__(self, served_name: str = "base-model", max_model_len: int = 2048, token_delay: float = 0.0):
         self.served_name, self.max_model_len, self.token_delay = served_name, max_model_len, token_delay
         self.up = True
+        self.hold = False
         self.fail_load: set[str] = set()
         self.loaded: dict[str, str] = {}
         self.running = 0
@@ -62,7 +65,7 @@ class FakeEngine:
             raise EngineError(404, f"The model `{model}` does not exist.", code="model_not_found", param="model")
         prompt_tokens = sum(len((m.get("content") or "").split()) + 4 for m in messages)
         max_tokens = sampling.get("max_tokens") or self.max_model_len - prompt_tokens
-        if prompt_tokens + max_tokens > self.max_model_len:
+        if prompt_tokens >= self.max_model_len or prompt_tokens + max_tokens > self.max_model_len:
             raise EngineError(413, f"This model's maximum context length is {self.max_model_len} tokens.",
                               code="context_length_exceeded", param="messages")
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
@@ -95,6 +98,8 @@ class FakeEngine:
                         break
                     if self.token_delay:
                         await asyncio.sleep(self.token_delay)
+                    while self.hold:
+                        await asyncio.sleep(0.01)
                     text += piece
                     completion_tokens += 1
                     yield chunk([{"index": index, "delta": {"content": piece}, "finish_reason": None}])

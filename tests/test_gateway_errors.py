@@ -1,11 +1,13 @@
-"""Bad requests get OpenAI-shaped errors with the right status, and write no row."""
+"""Bad requests get OpenAI-shaped errors with the right status, and write no row (the real app, the fake engine)."""
 
 from __future__ import annotations
+
+import contextlib
 
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
+from conftest import assert_error, run_cli
 
 GOOD = {"model": "loopchat", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -28,49 +30,70 @@ CASES = [
 
 
 def count(gateway) -> int:
-    with gateway.db() as db:
+    with contextlib.closing(gateway.db()) as db:
         return db.execute("SELECT count(*) FROM completions").fetchone()[0]
 
 
 @pytest.mark.parametrize("name,body,status,param", CASES, ids=[c[0] for c in CASES])
-def test_bad_request(vllm_gateway, name, body, status, param):
-    before = count(vllm_gateway)
+def test_bad_request(fake_gateway, name, body, status, param):
     kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
         else {"json": body}
-    r = httpx.post(vllm_gateway.url + "/v1/chat/completions", timeout=60, **kwargs)
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param:
-        assert err["param"] == param
-    assert count(vllm_gateway) == before
-    assert httpx.get(vllm_gateway.url + "/readyz").status_code == 200  # still serving
+    r = httpx.post(fake_gateway.url + "/v1/chat/completions", timeout=60, **kwargs)
+    assert_error(r, status, param)
+    assert count(fake_gateway) == 0
+    assert httpx.post(fake_gateway.url + "/v1/chat/completions", json=GOOD).status_code == 200  # still serving
 
 
-def test_streamed_bad_request_is_an_error_not_a_stream(vllm_gateway):
-    r = httpx.post(vllm_gateway.url + "/v1/chat/completions", json={**GOOD, "stream": True, "model": "nope"})
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+def test_streamed_bad_request_is_an_error_not_a_stream(fake_gateway):
+    r = httpx.post(fake_gateway.url + "/v1/chat/completions", json={**GOOD, "stream": True, "model": "nope"})
+    assert_error(r, 404, "model", code="model_not_found")
+    r = httpx.post(fake_gateway.url + "/v1/chat/completions", json={**GOOD, "stream": True, "max_tokens": 5000})
+    assert_error(r, 413)
+    assert count(fake_gateway) == 0
 
 
-def test_keys_are_required_and_checked(keyed_gateway):
-    url = keyed_gateway.url + "/v1/chat/completions"
-    r = httpx.post(url, json=GOOD)
-    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
-    r = httpx.post(url, json=GOOD, headers={"Authorization": "Bearer lc-wrong"})
-    assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
-    r = httpx.post(url, json=GOOD, headers={"Authorization": f"Bearer {keyed_gateway.keys['alice']}"}, timeout=60)
-    assert r.status_code == 200
-    with keyed_gateway.db() as db:
+def test_engine_down_is_503_until_it_is_back(fake_gateway):
+    url = fake_gateway.url
+    fake_gateway.engine.up = False
+    for stream in (False, True):
+        assert_error(httpx.post(url + "/v1/chat/completions", json={**GOOD, "stream": stream}), 503,
+                     code="engine_unavailable")
+    assert_error(httpx.get(url + "/readyz"), 503, code="engine_unavailable")
+    assert httpx.get(url + "/healthz").json() == {"status": "ok"}  # alive, only not ready
+    assert count(fake_gateway) == 0
+    fake_gateway.engine.up = True
+    assert httpx.get(url + "/readyz").status_code == 200
+    assert httpx.post(url + "/v1/chat/completions", json=GOOD).status_code == 200
+
+
+def test_keys_are_required_and_checked(fake_keyed_gateway):
+    gw = fake_keyed_gateway
+    url = gw.url + "/v1/chat/completions"
+    assert_error(httpx.post(url, json=GOOD), 401, code="missing_api_key")
+    assert_error(httpx.post(url, json=GOOD, headers={"Authorization": "Bearer lc-wrong"}), 401,
+                 code="invalid_api_key")
+    assert_error(httpx.get(gw.url + "/v1/models"), 401, code="missing_api_key")
+    r = httpx.post(url, json=GOOD, headers={**gw.headers("alice"), "X-Loopchat-User": "mallory"})
+    assert r.status_code == 200, r.text
+    with contextlib.closing(gw.db()) as db:
         row = db.execute("SELECT user FROM completions WHERE id = ?", [r.json()["id"]]).fetchone()
-        assert row["user"] == "alice"
         hashes = [h for (h,) in db.execute("SELECT key_hash FROM api_keys")]
-    assert keyed_gateway.keys["alice"] not in hashes  # only the hash is stored
+    assert row["user"] == "alice"  # the key names the user; the open-mode header does not
+    assert gw.keys["alice"] not in hashes  # only the hash is stored
 
 
-def test_refuses_public_address_without_keys(tmp_path, model_dir):
-    from conftest import Server
+def test_open_mode_callers_name_themselves(fake_gateway):
+    r = httpx.post(fake_gateway.url + "/v1/chat/completions", json=GOOD, headers={"X-Loopchat-User": "session-7"})
+    anonymous = httpx.post(fake_gateway.url + "/v1/chat/completions", json=GOOD,
+                           headers={"Authorization": "Bearer ignored-in-open-mode"})
+    with contextlib.closing(fake_gateway.db()) as db:
+        users = [db.execute("SELECT user FROM completions WHERE id = ?", [x.json()["id"]]).fetchone()[0]
+                 for x in (r, anonymous)]
+    assert users == ["session-7", "local"]
 
-    out = Server([], tmp_path, 0).cli("serve", "--host", "0.0.0.0", "--engine-url", "http://127.0.0.1:9",
-                                      "--model", str(model_dir))
+
+def test_refuses_public_address_without_keys(tmp_path):
+    out = run_cli(tmp_path / "data", "serve", "--host", "0.0.0.0", "--engine-url", "http://127.0.0.1:9",
+                  "--model", str(tmp_path))
     assert out.returncode != 0
     assert "refusing to listen on 0.0.0.0 without an API key" in out.stderr

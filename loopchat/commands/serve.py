@@ -11,7 +11,9 @@ import sys
 
 import click
 
+import hardware
 from loopchat.options import ensure_model, open_store, settings_options
+from loopchat.settings import DEFAULT_MAX_LORA_RANK
 
 log = logging.getLogger("loopchat")
 
@@ -35,6 +37,16 @@ def gateway_options(func):
         click.option("--engine-port", default=8100, show_default=True, type=click.IntRange(1, 65535),
                      help="Port of the vLLM server loopchat starts."),
         click.option("--max-model-len", default=2048, show_default=True, type=click.IntRange(64)),
+        click.option("--dtype", type=click.Choice(hardware.DTYPES), default="auto", show_default=True,
+                     envvar="LOOPCHAT_DTYPE",
+                     help="auto = bfloat16 where the hardware computes it natively (GPU, AVX512_BF16/AMX CPU), "
+                          "else float32."),
+        click.option("--enforce-eager/--compile", "enforce_eager", default=None,
+                     help="vLLM: skip torch.compile (quicker start, slower decoding) or compile; default: "
+                          "by hardware (see README)."),
+        click.option("--max-lora-rank", type=click.IntRange(1, 512), default=None,
+                     help=f"Largest LoRA rank the engine accepts (default: $LOOPCHAT_MAX_LORA_RANK or "
+                          f"{DEFAULT_MAX_LORA_RANK}); promotion refuses larger adapters."),
         click.option("--max-request-bytes", default=1_000_000, show_default=True, type=click.IntRange(1024)),
         click.option("--feedback-rate-limit", default=0, show_default=True, type=click.IntRange(0),
                      help="Feedback posts per user per minute (0 = no limit)."),
@@ -44,8 +56,8 @@ def gateway_options(func):
     return func
 
 
-def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_model_len, max_request_bytes,
-                feedback_rate_limit=0, mount=None) -> None:
+def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_model_len, dtype, enforce_eager,
+                max_lora_rank, max_request_bytes, feedback_rate_limit=0, mount=None) -> None:
     import uvicorn
 
     from serve.engines import create_engine
@@ -59,10 +71,16 @@ def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_mode
                                    "run `loopchat keys create NAME --admin` first")
     model_dir = ensure_model(settings) if not engine_urls else settings.model_dir
     served_name = model_dir.name
+    if max_lora_rank is not None:
+        settings.max_lora_rank = max_lora_rank
+    choice = hardware.choose(dtype)
     eng = create_engine(engine, model_dir=model_dir, served_name=served_name, urls=engine_urls,
-                        port=engine_port, log_dir=settings.logs_dir, max_model_len=max_model_len)
+                        port=engine_port, log_dir=settings.logs_dir, max_model_len=max_model_len, dtype=choice,
+                        max_lora_rank=settings.max_lora_rank, cache_dir=settings.cache_dir,
+                        enforce_eager=bool(enforce_eager))
     app = create_app(store, eng, GatewayConfig(keys_required=not local, max_body_bytes=max_request_bytes,
-                                               feedback_rate_limit=feedback_rate_limit))
+                                               feedback_rate_limit=feedback_rate_limit,
+                                               max_lora_rank=settings.max_lora_rank))
     if mount:
         mount(app)
     if store.key_count() == 0:
@@ -70,6 +88,7 @@ def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_mode
                     host)
     log.info("loopchat gateway on http://%s:%d (engine: %s, model: %s, data: %s)", host, port, eng.kind,
              served_name, settings.data_dir)
+    log.info("serving in %s on %s: %s", eng.info["dtype"], eng.info["device"], eng.info["reason"])
     uvicorn.run(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=10)
 
 

@@ -21,6 +21,7 @@ class EngineUnavailable(Exception):
 class Engine(Protocol):
     kind: str
     served_name: str  # the base model's name in /v1/models
+    info: dict[str, str]  # how it computes: dtype, device, and the reason for them (shown in /metrics, /readyz)
 
     async def start(self) -> None: ...
 

@@ -11,6 +11,7 @@ import uuid
 from pathlib import Path
 from typing import AsyncIterator
 
+import hardware
 from serve.engines.base import EngineError, EngineUnavailable
 
 log = logging.getLogger("loopchat.transformers")
@@ -19,8 +20,11 @@ log = logging.getLogger("loopchat.transformers")
 class TransformersEngine:
     kind = "transformers"
 
-    def __init__(self, *, model_dir: Path, served_name: str, max_model_len: int = 2048):
+    def __init__(self, *, model_dir: Path, served_name: str, max_model_len: int = 2048,
+                 dtype: hardware.Choice | None = None):
         self.model_dir, self.served_name, self.max_model_len = Path(model_dir), served_name, max_model_len
+        self.choice = dtype or hardware.choose()
+        self.info = {"dtype": self.choice.dtype, "device": self.choice.device, "reason": self.choice.reason}
         self.model = self.tokenizer = None
         self._adapters: dict[str, str] = {}
         self._lock = threading.Lock()  # one generate (or adapter change) at a time
@@ -30,17 +34,15 @@ class TransformersEngine:
         self._loading = asyncio.create_task(asyncio.to_thread(self._load))
 
     def _load(self) -> None:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         t0 = time.monotonic()
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        dtype = torch.bfloat16 if torch.cuda.is_available() else torch.float32
-        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=dtype)
-        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        model = AutoModelForCausalLM.from_pretrained(self.model_dir, dtype=self.choice.torch_dtype)
+        self.device = self.choice.device
         self.model = model.to(self.device).eval()
-        log.info("transformers engine ready after %.1f s (%s on %s)", time.monotonic() - t0, self.served_name,
-                 self.device)
+        log.info("transformers engine ready after %.1f s (%s on %s, %s)", time.monotonic() - t0, self.served_name,
+                 self.device, self.choice.dtype)
 
     async def stop(self) -> None:
         if self._loading:

@@ -21,6 +21,7 @@ from typing import AsyncIterator
 import aiohttp
 import orjson
 
+import hardware
 from serve.engines.base import EngineError, EngineUnavailable
 
 log = logging.getLogger("loopchat.vllm")
@@ -33,9 +34,11 @@ class VLLMProcess:
     """A vLLM OpenAI server as a child process: progress while it loads, its log in logs/,
     restarted when it dies, stopped with SIGTERM then SIGKILL."""
 
-    def __init__(self, model_dir: Path, served_name: str, port: int, log_dir: Path | None, max_model_len: int):
+    def __init__(self, model_dir: Path, served_name: str, port: int, log_dir: Path | None, max_model_len: int,
+                 dtype: str, max_lora_rank: int, cache_dir: Path | None, enforce_eager: bool):
         self.model_dir, self.served_name, self.port = Path(model_dir), served_name, port
-        self.max_model_len = max_model_len
+        self.max_model_len, self.dtype, self.max_lora_rank = max_model_len, dtype, max_lora_rank
+        self.cache_dir, self.enforce_eager = cache_dir, enforce_eager
         self.log_path = Path(log_dir or ".") / "vllm.log"
         self.proc: subprocess.Popen | None = None
         self.restarts = 0
@@ -49,15 +52,20 @@ class VLLMProcess:
             sys.executable, "-m", "vllm.entrypoints.openai.api_server",
             "--model", str(self.model_dir), "--served-model-name", self.served_name,
             "--host", "127.0.0.1", "--port", str(self.port),
-            "--max-model-len", str(self.max_model_len),
-            "--enable-lora", "--max-lora-rank", "16", "--max-loras", "4", "--max-cpu-loras", "8",
+            "--max-model-len", str(self.max_model_len), "--dtype", self.dtype,
+            "--enable-lora", "--max-lora-rank", str(self.max_lora_rank), "--max-loras", "4", "--max-cpu-loras", "8",
             "--disable-uvicorn-access-log",
-        ]
+        ] + (["--enforce-eager"] if self.enforce_eager else [])
 
     def spawn(self) -> None:
         env = dict(os.environ)
         env["VLLM_ALLOW_RUNTIME_LORA_UPDATING"] = "True"
         env.setdefault("VLLM_CPU_KVCACHE_SPACE", "2")
+        if self.cache_dir is not None:
+            # vLLM's and torch inductor's compile caches under the data dir: a second start on the
+            # same data dir reuses the compiled graphs instead of compiling again.
+            env.setdefault("VLLM_CACHE_ROOT", str(self.cache_dir / "vllm"))
+            env.setdefault("TORCHINDUCTOR_CACHE_DIR", str(self.cache_dir / "inductor"))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self.log_path, "ab")
         logf.write(f"\n==== {time.strftime('%F %T')} starting: {' '.join(self.command())}\n".encode())
@@ -85,9 +93,15 @@ class VLLMEngine:
     kind = "vllm"
 
     def __init__(self, *, model_dir: Path, served_name: str, urls=(), port: int = 8100, log_dir=None,
-                 max_model_len: int = 2048):
+                 max_model_len: int = 2048, dtype: hardware.Choice | None = None, max_lora_rank: int = 16,
+                 cache_dir: Path | None = None, enforce_eager: bool = False):
         self.served_name = served_name
-        self.process = None if urls else VLLMProcess(model_dir, served_name, port, log_dir, max_model_len)
+        choice = dtype or hardware.choose()
+        self.process = None if urls else VLLMProcess(model_dir, served_name, port, log_dir, max_model_len,
+                                                     choice.dtype, max_lora_rank, cache_dir, enforce_eager)
+        self.info = ({"dtype": choice.dtype, "device": choice.device, "reason": choice.reason,
+                      "enforce_eager": str(enforce_eager).lower()} if self.process else
+                     {"dtype": "external", "device": "external", "reason": "vLLM servers given by --engine-url"})
         self.urls = list(urls) or [self.process.url]
         self._next = itertools.cycle(self.urls)
         self._adapters: dict[str, str] = {}  # name -> path, re-loaded into a restarted server
