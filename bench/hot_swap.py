@@ -10,6 +10,7 @@ Anchor, measured in the same run: the physical floor on the same vLLM server —
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 from bench.serving import _ready, free_port  # noqa: E402
 from loop_fixtures import random_adapter  # noqa: E402  (the same random LoRA the hot-swap tests use)
+
+import hardware  # noqa: E402
 
 
 class Load:
@@ -80,7 +83,10 @@ def main() -> None:
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--model", default=str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
+    ap.add_argument("--dtype", default="auto", choices=hardware.DTYPES)
     args = ap.parse_args()
+    print("machine:", json.dumps(hardware.describe()), f"serving dtype: {hardware.choose(args.dtype).dtype}",
+          flush=True)
 
     from feedback import Store, cycles
     from train import artifacts
@@ -95,7 +101,8 @@ def main() -> None:
 
     port, engine_port = free_port(), free_port()
     proc = subprocess.Popen([sys.executable, "-m", "loopchat.cli", "serve", "--engine", "vllm", "--port", str(port),
-                             "--engine-port", str(engine_port), "--data-dir", str(data), "--model", str(model_dir)],
+                             "--engine-port", str(engine_port), "--data-dir", str(data), "--model", str(model_dir),
+                             "--dtype", args.dtype],
                             stdout=open(data / "serve.log", "wb"), stderr=subprocess.STDOUT, cwd=ROOT)
     gateway, vllm = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}"
     try:

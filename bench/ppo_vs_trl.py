@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import hardware  # noqa: E402
 
 PROMPTS = [
     "What is the capital of France?", "Tell me about dogs.", "How do plants grow?", "Why is the sky blue?",
@@ -56,7 +56,7 @@ def run_ours(model_dir: Path, iterations: int, work: Path) -> dict:
     train_ppo(model_dir, PROMPTS, work / "ppo", rm, cfg, quiet=True)
     steps = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
     seconds = sum(s["seconds"] for s in steps)
-    return {"episodes": BATCH * len(steps), "seconds": seconds, "dtype": "auto (bfloat16 on AVX-512 / CUDA)"}
+    return {"episodes": BATCH * len(steps), "seconds": seconds, "dtype": hardware.choose().dtype}
 
 
 def run_trl(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
@@ -112,13 +112,6 @@ def run_side(side: str, args) -> dict:
     return json.loads(lines[-1][len("RESULT "):])
 
 
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor()
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the prepared SmolLM2-135M-Instruct)")
@@ -142,8 +135,8 @@ def main() -> None:
             runs[side].append(run_side(side, args))
             print(f"{side}: {runs[side][-1]}", flush=True)
     trl_side, ours = (max(runs[side], key=lambda r: r["samples_per_s"]) for side in ("trl", "ours"))
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"{cpu_name()}, {os.cpu_count()} cores, no GPU"
-    print(f"device: {device}")
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
+    print(f"device: {device}; machine: {json.dumps(hardware.describe())}")
     print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations, best of {args.repeats}")
     print(f"{'':<10} {'samples/s':>10} {'seconds':>9} {'peak RSS MB':>12}  dtype")
     for name, r in (("loopchat", ours), ("trl 1.9.2", trl_side)):

@@ -5,6 +5,7 @@ vLLM URL (the anchor) and the gateway URL, and prints tokens/s and p50/p95 time 
 token for both, with their ratios.
 
     .venv/bin/python bench/serving.py [--requests 64] [--concurrency 16] [--max-tokens 64] [--rounds 2]
+                                      [--dtype auto|float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import hardware  # noqa: E402
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.",
            "Describe your ideal weekend in detail.", "List some tips for learning to cook.",
            "Tell me about the history of bicycles.", "What makes a good friend? Explain."]
@@ -74,13 +77,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2, help="alternating rounds per target")
     ap.add_argument("--model", default=str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
+    ap.add_argument("--dtype", default="auto", choices=hardware.DTYPES)
     args = ap.parse_args()
+    print("machine:", json.dumps(hardware.describe()), f"serving dtype: {hardware.choose(args.dtype).dtype}",
+          flush=True)
 
     port, engine_port = free_port(), free_port()
     data = tempfile.mkdtemp(prefix="loopchat-bench-")
     log = open(Path(data) / "serve.log", "wb")
     proc = subprocess.Popen([sys.executable, "-m", "loopchat.cli", "serve", "--engine", "vllm", "--port", str(port),
-                             "--engine-port", str(engine_port), "--data-dir", data, "--model", args.model],
+                             "--engine-port", str(engine_port), "--data-dir", data, "--model", args.model,
+                             "--dtype", args.dtype],
                             stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
     gateway, vllm = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{engine_port}"
     try:

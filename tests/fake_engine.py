@@ -7,7 +7,7 @@ usage on the last chunk, adapters as names. Knobs a test can turn:
 
 - `up`: False makes it unavailable (`ready()` False, `stream` raises EngineUnavailable);
 - `token_delay`: seconds between words (for disconnects and hot swaps under load);
-- `hold`: True stops every stream before its next word until it is set back to False;
+- `hold`: model names whose streams stop before their next word until the name is removed;
 - `fail_load`: names whose load raises EngineError(404) like vLLM's missing path;
 - `running` / `aborted`: how many streams are being generated now / were closed before their end.
 
@@ -42,7 +42,7 @@ class FakeEngine:
     def __init__(self, served_name: str = "base-model", max_model_len: int = 2048, token_delay: float = 0.0):
         self.served_name, self.max_model_len, self.token_delay = served_name, max_model_len, token_delay
         self.up = True
-        self.hold = False
+        self.hold: set[str] = set()
         self.fail_load: set[str] = set()
         self.loaded: dict[str, str] = {}
         self.running = 0
@@ -98,7 +98,7 @@ class FakeEngine:
                         break
                     if self.token_delay:
                         await asyncio.sleep(self.token_delay)
-                    while self.hold:
+                    while model in self.hold:
                         await asyncio.sleep(0.01)
                     text += piece
                     completion_tokens += 1

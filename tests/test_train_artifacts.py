@@ -90,3 +90,11 @@ def test_sigkill_mid_publish_leaves_no_version(adapter, tmp_path):
     v2 = publish(adapter, root, base_model="m")  # the next publisher takes the number and sweeps the leftovers
     assert v2.name == "v2" and not any(p.name.startswith(".v") and "tmp" in p.name for p in root.iterdir())
     verify(v2)
+
+
+def test_a_rank_above_the_servers_maximum_is_refused(adapter):
+    from train.artifacts import check_adapter
+
+    assert check_adapter(adapter, max_rank=8)["r"] == 8
+    with pytest.raises(ArtifactError, match="rank 8 is above the server's maximum 4"):
+        check_adapter(adapter, max_rank=4)

@@ -77,8 +77,9 @@ def verify(path: str | Path) -> None:
             raise ArtifactError(f"{path / name}: missing or does not match its checksum")
 
 
-def check_adapter(adapter_dir: str | Path) -> dict:
-    """The adapter's config, after checking it is one vLLM can serve (LoRA, no extra modules)."""
+def check_adapter(adapter_dir: str | Path, max_rank: int | None = None) -> dict:
+    """The adapter's config, after checking it is one vLLM can serve (LoRA, no extra modules, and a
+    rank within the server's --max-lora-rank when `max_rank` is given)."""
     adapter_dir = Path(adapter_dir)
     for name in ADAPTER_FILES:
         if not (adapter_dir / name).is_file():
@@ -88,6 +89,9 @@ def check_adapter(adapter_dir: str | Path) -> dict:
         raise ArtifactError(f"{adapter_dir}: peft_type is {config.get('peft_type')!r}, vLLM serves LORA only")
     if config.get("modules_to_save"):
         raise ArtifactError(f"{adapter_dir}: has modules_to_save {config['modules_to_save']}; vLLM cannot serve it")
+    if max_rank is not None and (config.get("r") or 0) > max_rank:
+        raise ArtifactError(f"{adapter_dir}: LoRA rank {config['r']} is above the server's maximum {max_rank} "
+                            "(LOOPCHAT_MAX_LORA_RANK / --max-lora-rank)")
     return config
 
 

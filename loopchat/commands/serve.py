@@ -41,9 +41,10 @@ def gateway_options(func):
                      envvar="LOOPCHAT_DTYPE",
                      help="auto = bfloat16 where the hardware computes it natively (GPU, AVX512_BF16/AMX CPU), "
                           "else float32."),
-        click.option("--enforce-eager/--compile", "enforce_eager", default=None,
-                     help="vLLM: skip torch.compile (quicker start, slower decoding) or compile; default: "
-                          "by hardware (see README)."),
+        click.option("--enforce-eager/--compile", "enforce_eager", default=False, show_default=True,
+                     help="vLLM on a GPU: skip torch.compile and CUDA graphs (quicker start, slower decoding). "
+                          "vLLM's CPU build never compiles with LoRA on, so on a CPU it changes nothing "
+                          "(measured: bench/RESULTS.md)."),
         click.option("--max-lora-rank", type=click.IntRange(1, 512), default=None,
                      help=f"Largest LoRA rank the engine accepts (default: $LOOPCHAT_MAX_LORA_RANK or "
                           f"{DEFAULT_MAX_LORA_RANK}); promotion refuses larger adapters."),
@@ -77,7 +78,7 @@ def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_mode
     eng = create_engine(engine, model_dir=model_dir, served_name=served_name, urls=engine_urls,
                         port=engine_port, log_dir=settings.logs_dir, max_model_len=max_model_len, dtype=choice,
                         max_lora_rank=settings.max_lora_rank, cache_dir=settings.cache_dir,
-                        enforce_eager=bool(enforce_eager))
+                        enforce_eager=enforce_eager)
     app = create_app(store, eng, GatewayConfig(keys_required=not local, max_body_bytes=max_request_bytes,
                                                feedback_rate_limit=feedback_rate_limit,
                                                max_lora_rank=settings.max_lora_rank))

@@ -181,7 +181,7 @@ def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_
 
     model = ensure_model(settings)
     with one_line_errors():
-        check_adapter(adapter)
+        check_adapter(adapter, max_rank=settings.max_lora_rank)
         cfg = GateConfig(max_new_tokens=max_new_tokens, canary_max_new_tokens=max_new_tokens)
         verdict = evaluate_adapter(model, adapter, reward_model=reward_model, prompts=prompts, baseline_adapter=baseline, heldout_pairs=pairs, cfg=cfg)
     if as_json:
