@@ -18,19 +18,23 @@ STEPS = ("queued", "building_data", "sft", "reward_model", "ppo", "evaluating", 
 OUTCOMES = ("promoted", "rejected", "failed", "cancelled")
 # `published` ends a cycle that has no gateway to promote through; with one, it is momentary.
 TERMINAL = OUTCOMES + ("published",)
-FIGURES = ("n_sft", "n_pairs", "n_prompts", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error")
+FIGURES = ("n_sft", "n_pairs", "n_prompts", "budget_s", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error")
 
 
 def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def queue_cycle(store: Store, trigger: str = "manual") -> int | None:
-    """A new queued cycle's id, or None when one is already active."""
+def queue_cycle(store: Store, trigger: str = "manual", *, claim: bool = False) -> int | None:
+    """A new queued cycle's id, or None when one is already active. `claim`: it starts at once,
+    claimed by this process (as `claim()` does), so no worker's poll can take it first."""
+    now = time.time()
+    row = {"state": "queued", "trigger": trigger, "created_at": now, "steps": "{}"}
+    if claim:
+        row.update(state="building_data", started_at=now, worker=this_worker(), heartbeat_at=now)
     try:
         with store.transaction() as db:
-            return db["cycles"].insert({"state": "queued", "trigger": trigger, "created_at": time.time(),
-                                        "steps": "{}"}).last_pk
+            return db["cycles"].insert(row).last_pk
     except sqlite3.IntegrityError:
         return None
 
@@ -38,6 +42,23 @@ def queue_cycle(store: Store, trigger: str = "manual") -> int | None:
 def active_cycle(store: Store) -> dict | None:
     rows = store.rows(f"SELECT * FROM cycles WHERE state NOT IN {TERMINAL} ORDER BY id LIMIT 1")
     return _decode(rows[0]) if rows else None
+
+
+def describe(row: dict) -> str:
+    """One line for an operator: which cycle, who started it and when, where it is now."""
+    if row["state"] == "queued":
+        return f"cycle {row['id']} ({row['trigger']}, queued {_ago(row['created_at'])}) is waiting for a worker"
+    return (f"cycle {row['id']} ({row['trigger']}, started {_ago(row['started_at'] or row['created_at'])} "
+            f"by worker {row['worker'] or 'unknown'}) is in step {row['state']}")
+
+
+def _ago(ts: float) -> str:
+    seconds = max(0.0, time.time() - ts)
+    if seconds < 90:
+        return f"{seconds:.0f} s ago"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.0f} min ago"
+    return f"{seconds / 3600:.1f} h ago"
 
 
 def claim(store: Store, cycle_id: int) -> bool:

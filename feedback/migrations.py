@@ -162,10 +162,17 @@ def v3_cycles_and_adapters(db: sqlite_utils.Database) -> None:
     )
 
 
+def v4_cycle_budget(db: sqlite_utils.Database) -> None:
+    """A cycle's time budget in seconds; NULL: its steps ran the fixed sizes of its config. What
+    each step chose within it is in `steps` beside its other figures."""
+    db["cycles"].add_column("budget_s", float)
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     v1_completions_and_keys,
     v2_feedback,
     v3_cycles_and_adapters,
+    v4_cycle_budget,
 ]
 
 

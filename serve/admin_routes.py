@@ -66,8 +66,9 @@ def queue_cycle(request: Request):
     store = request.app.state.store
     cycle_id = cycles.queue_cycle(store, trigger="manual")
     if cycle_id is None:
-        active = cycles.active_cycle(store)
-        raise APIError(409, f"Cycle {active['id']} is already {active['state']}.", code="cycle_active")
+        what = cycles.describe(cycles.active_cycle(store))
+        raise APIError(409, f"{what[0].upper()}{what[1:]}; ask again once it has ended "
+                            "(`loopchat cycle run --wait` waits for it).", code="cycle_active")
     return cycles.get_cycle(store, cycle_id)
 
 

@@ -40,7 +40,7 @@ def start_worker(data: Path, model: Path, config: Path, min_comparisons: int) ->
     log = open(data / f"worker-{time.monotonic_ns()}.log", "wb")
     return subprocess.Popen(
         [sys.executable, "-m", "loopchat.cli", "worker", "--data-dir", str(data), "--model", str(model),
-         "--no-promote", "--config", str(config), "--interval", "1", "--min-thumbs", "0",
+         "--no-promote", "--config", str(config), "--cycle-minutes", "5", "--interval", "1", "--min-thumbs", "0",
          "--min-corrections", "0", "--min-comparisons", str(min_comparisons)],
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
@@ -98,6 +98,8 @@ def test_trigger_one_cycle_at_a_time_and_sigkill_mid_ppo(tmp_path, tiny_model_di
         assert second["state"] == "published", second["error"]
         assert second["version"] == "v1" and (tmp_path / "adapters" / "v1" / "manifest.json").is_file()
         assert set(second["steps"]) >= {"building_data", "sft", "reward_model", "ppo", "evaluating"}
+        # 5 minutes hold every fixed size of this tiny cycle
+        assert second["budget_s"] == 300 and second["steps"]["ppo"]["planned_steps"] == TINY_CYCLE["ppo"]["steps"]
         time.sleep(3)  # more checks pass: no new feedback, no new cycle
         assert len(cycles.list_cycles(store)) == 2
     finally:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 
 import hardware
 from train import common, data
+from train.budget import Pace
 from train.sft import lora_config
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
@@ -45,6 +46,9 @@ VALUE_HEAD_FILE = "value_head.safetensors"
 @dataclass
 class PPOConfig:
     steps: int = 20  # rollout + update iterations
+    # Run as many steps as fit, at most `steps`: more PPO per cycle mostly buys KL (bench/RESULTS.md run D:
+    # two cycles of 12 steps reached the gate's KL bound). See train.budget.
+    time_budget_s: float | None = None
     batch_size: int = 16  # responses per rollout
     minibatches: int = 2
     ppo_epochs: int = 2
@@ -276,12 +280,14 @@ def train_ppo(
     `init_adapter`: start from this adapter (e.g. the serving one or the SFT output).
     `value_head_from`: a reward model dir to initialise the value head from (defaults to the
     reward function's own directory when it is a RewardModel; else the head starts at zero).
-    Returns metrics (first/last step figures, stop reason); per-step lines in metrics.jsonl."""
+    Returns metrics (first/last step figures, stop reason, what the time budget chose:
+    `planned_steps`, `measured_s_per_step`); per-step lines in metrics.jsonl."""
     from safetensors.torch import save_file
 
     from train.reward import value_head_init
 
     cfg = cfg or PPOConfig()
+    pace = Pace(cfg.time_budget_s)
     out_dir = Path(out_dir)
     all_prompts = data.read_prompts(prompts)
     if not all_prompts:
@@ -308,10 +314,13 @@ def train_ppo(
                 yield all_prompts[i]
 
     stream = prompt_stream()
-    log = common.RunLog(out_dir, cfg.steps, "ppo", quiet)
+    total = pace.start(cfg.steps)
+    log = common.RunLog(out_dir, total, "ppo", quiet)
     history, stop = [], "steps done"
     safe, kl_bound = lora_state(model), None
-    for step in range(1, cfg.steps + 1):
+    step = 0
+    while step < total:
+        step += 1
         started = time.monotonic()
         prompts_now = [next(stream) for _ in range(cfg.batch_size)]
         batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef)
@@ -334,6 +343,7 @@ def train_ppo(
         seconds = time.monotonic() - started
         stats.update(seconds=round(seconds, 3), samples_per_s=round(cfg.batch_size / seconds, 3))
         history.append(stats)
+        total = log.bar.total = pace.step_done(step)  # planned: the progress bar follows
         log.step(step, **stats)
     log.close()
 
@@ -349,4 +359,5 @@ def train_ppo(
         "kl_last": last.get("kl"),
         "kl_bound": kl_bound,
         "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history) if history else None,
+        **pace.figures(),
     }

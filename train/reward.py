@@ -29,6 +29,7 @@ import torch.nn.functional as F
 
 import hardware
 from train import common, data
+from train.budget import FORWARD_SHARE, Pace
 from train.sft import lora_config
 
 STATS_FILE = "reward_stats.json"
@@ -43,6 +44,7 @@ class RewardConfig:
     lr: float = 5e-4
     epochs: int = 1
     max_steps: int | None = None
+    time_budget_s: float | None = None  # run as many steps as fit (at most the fixed count above); see train.budget
     batch_size: int = 8  # pairs per step
     max_len: int = 1024
     margin: float = 0.0
@@ -110,8 +112,10 @@ def train_reward_model(
 
     `records`/`eval_records`: a JSONL path or in-memory rows in the pairs format. Without
     `eval_records`, `cfg.eval_fraction` of the prompts are held out. Returns metrics with
-    `accuracy` (held-out, None if nothing was held out), `train_accuracy`, `reward_mean/std`."""
+    `accuracy` (held-out, None if nothing was held out), `train_accuracy`, `reward_mean/std`, and
+    what the time budget chose (`planned_steps`, `measured_s_per_step`)."""
     cfg = cfg or RewardConfig()
+    pace = Pace(cfg.time_budget_s)
     out_dir = Path(out_dir)
     common.seed_all(cfg.seed)
     device = common.pick_device()
@@ -130,8 +134,10 @@ def train_reward_model(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)
+    fixed = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    # After the loop every training answer and every held-out pair is scored once (no grad).
+    total = pace.start(fixed, tail_steps=FORWARD_SHARE * (len(train_pairs) + len(eval_pairs)) / cfg.batch_size)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / pace.total)
     gen = torch.Generator().manual_seed(cfg.seed)
     encoded = [
         (encode_pair(tokenizer, p["prompt"], p["chosen"], cfg.max_len), encode_pair(tokenizer, p["prompt"], p["rejected"], cfg.max_len))
@@ -152,8 +158,9 @@ def train_reward_model(
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
-            sched.step()
             step += 1
+            total = log.bar.total = pace.step_done(step)  # planned: the schedule and the progress bar follow
+            sched.step()
             log.step(step, loss=loss.item(), accuracy=(r_c > r_r).float().mean().item(), margin=(r_c - r_r).mean().item())
             if step >= total:
                 break
@@ -172,6 +179,7 @@ def train_reward_model(
         "reward_std": float(raw.std()) if len(raw) > 1 else 1.0,
         "steps": step,
         "seconds": round(time.monotonic() - started, 2),
+        **pace.figures(),
     }
     model.save_pretrained(str(out_dir))
     stats = {"base_model": str(Path(model_dir).resolve()), "mean": metrics["reward_mean"], "std": max(metrics["reward_std"], 1e-6)}
@@ -222,6 +230,11 @@ class RewardModel:
     def accuracy(self) -> float | None:
         """Held-out pair accuracy measured when it was trained."""
         return self.stats.get("metrics", {}).get("accuracy")
+
+    @property
+    def accuracy_pairs(self) -> int:
+        """How many held-out pairs `accuracy` was measured on."""
+        return self.stats.get("metrics", {}).get("eval_pairs", 0)
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         return score_all(self.model, self.tokenizer, prompts, responses, self.max_len, self.batch_size, self.device)

@@ -17,17 +17,19 @@ import torch.nn.functional as F
 
 import hardware
 from train import common, data
+from train.budget import FORWARD_SHARE, Pace
 
 
 @dataclass
 class SFTConfig:
-    lora_r: int = 16  # vLLM is started with --max-lora-rank 16
+    lora_r: int = 16  # at most the server's max LoRA rank (LOOPCHAT_MAX_LORA_RANK, default 16)
     lora_alpha: int = 32
     lora_dropout: float = 0.0
     target_modules: tuple[str, ...] = common.LORA_TARGETS
     lr: float = 2e-4
     epochs: int = 1
     max_steps: int | None = None  # stop earlier than `epochs` when set
+    time_budget_s: float | None = None  # run as many steps as fit (at most the fixed count above); see train.budget
     batch_size: int = 8
     max_len: int = 1024  # tokens per conversation; longer ones are cut at the end
     seed: int = 0
@@ -104,8 +106,10 @@ def train_sft(
 
     `records`/`eval_records`: a JSONL path or in-memory rows (sft or unpaired format, see
     train.data). `init_adapter`: continue from an existing adapter instead of a fresh one.
-    Returns the metrics, also written to `out_dir/metrics.jsonl` (one line per step)."""
+    Returns the metrics (with what the time budget chose: `planned_steps`, `measured_s_per_step`);
+    one line per step in `out_dir/metrics.jsonl`."""
     cfg = cfg or SFTConfig()
+    pace = Pace(cfg.time_budget_s)
     out_dir = Path(out_dir)
     common.seed_all(cfg.seed)
     device = common.pick_device()
@@ -120,8 +124,9 @@ def train_sft(
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    total = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / total)  # linear decay to 0
+    fixed = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    total = pace.start(fixed, tail_steps=FORWARD_SHARE * math.ceil(len(eval_ex) / cfg.batch_size))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / pace.total)  # linear decay to 0 at the end
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = {"examples": len(train_ex), "steps": 0}
     if eval_ex:
@@ -137,15 +142,16 @@ def train_sft(
             loss.backward()
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
             opt.step()
-            sched.step()
             step += 1
+            total = log.bar.total = pace.step_done(step)  # planned: the schedule and the progress bar follow
+            sched.step()
             tokens = int((labels != -100).sum())
             log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens)
             metrics["train_loss"] = loss.item()
             if step >= total:
                 break
     log.close()
-    metrics.update(steps=step, seconds=round(time.monotonic() - started, 2))
+    metrics.update(steps=step, seconds=round(time.monotonic() - started, 2), **pace.figures())
     if eval_ex:
         metrics["eval_loss"] = eval_loss(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, device)
     model.save_pretrained(str(out_dir))

@@ -72,6 +72,7 @@ class Worker:
         # One job runs at a time in this process: a long cycle just delays the next check.
         scheduler.add_job(self.tick, trigger, id="trigger", max_instances=1, coalesce=True)
         scheduler.add_job(self.poll, IntervalTrigger(seconds=poll_s), id="poll", max_instances=1, coalesce=True)
-        log.info("worker started: checks feedback %s, thresholds %s", f"on cron '{cron}'" if cron else
-                 f"every {interval_s:.0f} s", self.thresholds)
+        log.info("worker started: checks feedback %s, thresholds %s, %s", f"on cron '{cron}'" if cron else
+                 f"every {interval_s:.0f} s", self.thresholds,
+                 f"cycles sized to {self.cfg.cycle_minutes:g} min" if self.cfg.cycle_minutes else "fixed-size cycles")
         scheduler.start()

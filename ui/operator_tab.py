@@ -12,10 +12,13 @@ import pandas as pd
 
 from ui.client import Gateway, GatewayError
 
-CYCLE_COLUMNS = ["id", "state", "created_at", "finished_at", "duration_s", "n_sft", "n_pairs", "n_prompts",
+CYCLE_COLUMNS = ["id", "state", "created_at", "finished_at", "duration_s", "sizes", "n_sft", "n_pairs", "n_prompts",
                  "rm_accuracy", "mean_reward", "kl", "gate", "version", "error"]
 ADAPTER_COLUMNS = ["version", "name", "created_at", "state", "metrics"]
 METRICS = ("rm_accuracy", "mean_reward", "kl")
+# (cycle step, short name, the figure that sizes it): optimizer steps, and the gate's held-out prompts
+SIZES = (("sft", "sft", "steps"), ("reward_model", "rm", "steps"), ("ppo", "ppo", "steps"),
+         ("evaluating", "gate", "held_out_prompts"))
 QUESTIONS = {"cycle": "Run a retrain cycle now?", "promote": "Promote **{}** to serve all `loopchat` traffic?",
              "rollback": "Roll back to the previously served version?"}
 
@@ -36,6 +39,14 @@ def cell(key: str, value) -> str | float | int:
 
 def table(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame([[cell(c, r.get(c)) for c in columns] for r in rows], columns=columns)
+
+
+def sizes(cycle: dict) -> str:
+    """What each step ran, after the cycle's time budget if it had one: "10 min: sft 12, rm 40, ppo 6, gate 24"."""
+    steps = cycle.get("steps") or {}
+    ran = [f"{name} {steps[step][key]}" for step, name, key in SIZES if steps.get(step, {}).get(key) is not None]
+    budget = f"{cycle['budget_s'] / 60:g} min: " if cycle.get("budget_s") else ""
+    return budget + ", ".join(ran)
 
 
 def metrics_frame(cycles: list[dict]) -> pd.DataFrame:
@@ -77,7 +88,8 @@ async def refresh(gw: Gateway):
     return (serving + ("  \n" + " ".join(notes) if notes else ""),
             table(adapters["data"] if adapters else [], ADAPTER_COLUMNS),
             gr.update(choices=versions, value=versions[-1] if versions else None),
-            table(cycles or [], CYCLE_COLUMNS), metrics_frame(cycles or []), feedback_frame(stats or {}))
+            table([{**c, "sizes": sizes(c)} for c in cycles or []], CYCLE_COLUMNS), metrics_frame(cycles or []),
+            feedback_frame(stats or {}))
 
 
 def ask(action: str, version: str | None):

@@ -6,10 +6,14 @@ import datetime
 import json
 import logging
 from pathlib import Path
+from time import sleep
 
 import click
 
 from loopchat.options import ensure_model, open_store, settings_options, training_process
+
+log = logging.getLogger("loopchat.cycle")
+WAIT_POLL_S = 5.0  # how often `cycle run --wait` looks whether the running cycle has ended
 
 
 def loop_options(func):
@@ -21,23 +25,35 @@ def loop_options(func):
         click.option("--no-promote", is_flag=True, help="Publish new versions but leave promotion to an operator."),
         click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help='JSON overrides, e.g. {"ppo": {"steps": 4}, "gate": {"min_rm_accuracy": 0.7}, '
-                          '"min_pairs": 8}.'),
+                          '"min_pairs": 8, "cycle_minutes": 15}.'),
+        click.option("--cycle-minutes", type=click.FloatRange(min=0), default=None,
+                     help="Time budget of a cycle: each step gets a share and sizes its work to it from the speed "
+                          "it measures on its first batches, never beyond the step sizes of the config. "
+                          "0: the config's step sizes as they are. Default: the --config file's cycle_minutes, "
+                          "else 10."),
     ]
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def cycle_config(settings, gateway, admin_key, no_promote, config_file):
+def cycle_config(settings, gateway, admin_key, no_promote, config_file, cycle_minutes):
     from train.cycle import CycleConfig
 
     overrides = json.loads(config_file.read_text()) if config_file else {}
+    if cycle_minutes is not None:
+        overrides["cycle_minutes"] = cycle_minutes
     base = {"model_dir": ensure_model(settings), "adapters_dir": settings.adapters_dir,
             "gateway_url": None if no_promote else gateway.rstrip("/"), "admin_key": admin_key}
     try:
-        return CycleConfig.from_dict(base, overrides)
+        cfg = CycleConfig.from_dict(base, overrides)
     except (AttributeError, TypeError) as e:
         raise click.ClickException(f"{config_file}: {e}") from e
+    rank = max(cfg.sft.lora_r, cfg.ppo.lora_r)  # the policy adapter (SFT's, continued by PPO) is what serves
+    if rank > settings.max_lora_rank:
+        raise click.ClickException(f"the policy's LoRA rank {rank} is above the server's maximum "
+                                   f"{settings.max_lora_rank} (LOOPCHAT_MAX_LORA_RANK); its adapters could not be served")
+    return cfg
 
 
 def _logging() -> None:
@@ -54,13 +70,13 @@ def _logging() -> None:
 @click.option("--min-comparisons", default=20, show_default=True, help="New comparison votes that start a cycle.")
 @click.option("--min-corrections", default=10, show_default=True, help="New corrections that start a cycle.")
 @settings_options
-def worker(settings, gateway, admin_key, no_promote, config_file, interval, cron, min_thumbs, min_comparisons,
-           min_corrections):
+def worker(settings, gateway, admin_key, no_promote, config_file, cycle_minutes, interval, cron, min_thumbs,
+           min_comparisons, min_corrections):
     """Run retrain cycles when enough feedback has arrived (or an operator asks)."""
     from train.worker import Thresholds, Worker
 
     _logging()
-    cfg = cycle_config(settings, gateway, admin_key, no_promote, config_file)
+    cfg = cycle_config(settings, gateway, admin_key, no_promote, config_file, cycle_minutes)
     Worker(open_store(settings), cfg, Thresholds(min_thumbs, min_comparisons, min_corrections)).run_forever(
         interval, cron)
 
@@ -72,26 +88,48 @@ def cycle():
 
 @cycle.command()
 @loop_options
+@click.option("--wait", is_flag=True, help="While another cycle runs, wait for it to end, then run this one.")
 @settings_options
-def run(settings, gateway, admin_key, no_promote, config_file):
+def run(settings, gateway, admin_key, no_promote, config_file, cycle_minutes, wait):
     """Run one cycle now, here, and print how it ended."""
-    from feedback import cycles
-
     _logging()
     store = open_store(settings)
-    cfg = cycle_config(settings, gateway, admin_key, no_promote, config_file)
-    cycles.fail_orphans(store)
-    cycle_id = cycles.queue_cycle(store, trigger="manual")
-    if cycle_id is None:
-        active = cycles.active_cycle(store)
-        raise click.ClickException(f"cycle {active['id']} is already {active['state']}")
-    cycles.claim(store, cycle_id)
+    cfg = cycle_config(settings, gateway, admin_key, no_promote, config_file, cycle_minutes)
+    cycle_id = _claim_cycle(store, wait)
     from train.cycle import run_cycle
 
     row = run_cycle(store, cycle_id, cfg)
     _show(row)
     if row["state"] in ("failed", "cancelled"):
         raise SystemExit(1)
+
+
+def _claim_cycle(store, wait: bool) -> int:
+    """A cycle for this process to run: a new one, or the queued one that no worker has taken yet.
+    While another one runs: an error that says which, or with `wait`, a wait until it ends."""
+    from feedback import cycles
+
+    waiting_for = None
+    while True:
+        cycles.fail_orphans(store)
+        cycle_id = cycles.queue_cycle(store, trigger="manual", claim=True)
+        if cycle_id is not None:
+            return cycle_id
+        active = cycles.active_cycle(store)
+        if active is None:  # it ended just now
+            continue
+        if active["state"] == "queued":
+            if cycles.claim(store, active["id"]):
+                log.info("%s: it runs here", cycles.describe(active))
+                return active["id"]
+            continue  # a worker took it first
+        if not wait:
+            raise click.ClickException(f"{cycles.describe(active)}; `loopchat cycle run --wait` runs yours "
+                                       "right after it")
+        if (active["id"], active["state"]) != waiting_for:
+            log.info("waiting: %s", cycles.describe(active))
+            waiting_for = active["id"], active["state"]
+        sleep(WAIT_POLL_S)
 
 
 @cycle.command("list")
@@ -102,11 +140,12 @@ def list_(settings, limit):
     from feedback import cycles
 
     rows = cycles.list_cycles(open_store(settings), limit)
-    click.echo(f"{'id':>4}  {'state':<13}{'trigger':<10}{'started':<20}{'took':>8}  {'pairs':>5} {'rm acc':>6} "
-               f"{'reward':>7} {'kl':>6}  {'gate':<5}{'version':<8}")
+    click.echo(f"{'id':>4}  {'state':<13}{'trigger':<10}{'started':<20}{'took':>8}{'budget':>8}  {'pairs':>5} "
+               f"{'rm acc':>6} {'reward':>7} {'kl':>6}  {'gate':<5}{'version':<8}")
     for r in rows:
         click.echo(f"{r['id']:>4}  {r['state']:<13}{r['trigger']:<10}{_when(r['started_at'] or r['created_at']):<20}"
-                   f"{_num(r['duration_s'], '.0f', 's'):>8}  {_num(r['n_pairs'], 'd'):>5} {_num(r['rm_accuracy'], '.2f'):>6} "
+                   f"{_num(r['duration_s'], '.0f', 's'):>8}{_num(r['budget_s'], '.0f', 's'):>8}  "
+                   f"{_num(r['n_pairs'], 'd'):>5} {_num(r['rm_accuracy'], '.2f'):>6} "
                    f"{_num(r['mean_reward'], '.2f'):>7} {_num(r['kl'], '.2f'):>6}  {r['gate'] or '-':<5}"
                    f"{r['version'] or '-':<8}")
 
@@ -139,7 +178,8 @@ def cancel(settings, cycle_id):
 
 
 def _show(row: dict) -> None:
-    click.echo(f"cycle {row['id']}: {row['state']} ({row['trigger']}), {_num(row['duration_s'], '.1f', ' s')}")
+    budget = f" (budget {row['budget_s']:g} s)" if row["budget_s"] else ""
+    click.echo(f"cycle {row['id']}: {row['state']} ({row['trigger']}), {_num(row['duration_s'], '.1f', ' s')}{budget}")
     for key in ("n_sft", "n_pairs", "n_prompts", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error"):
         if row.get(key) is not None:
             click.echo(f"  {key:<12} {row[key]}")

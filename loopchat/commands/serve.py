@@ -106,8 +106,10 @@ def serve(settings, **opts):
 @click.option("--no-ui", is_flag=True, help="Do not serve the browser UI at /ui.")
 @click.option("--no-worker", is_flag=True, help="Do not start the retrain worker.")
 @click.option("--worker-interval", default=300.0, show_default=True, help="Seconds between the worker's checks.")
+@click.option("--cycle-minutes", type=click.FloatRange(0), default=None,
+              help="Each retrain cycle's time budget (0 = the fixed step sizes); default: the worker's.")
 @settings_options
-def up(settings, no_ui, no_worker, worker_interval, **opts):
+def up(settings, no_ui, no_worker, worker_interval, cycle_minutes, **opts):
     """Run everything on one machine: gateway, engine, browser UI and retrain worker."""
     host = opts["host"]
     local_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '::') or is_loopback(host) else host}:{opts['port']}"
@@ -123,7 +125,7 @@ def up(settings, no_ui, no_worker, worker_interval, **opts):
 
     if not opts["engine_urls"]:
         ensure_model(settings)  # once, here, before the worker starts and looks for it too
-    worker = None if no_worker else start_worker(settings, local_url, worker_interval)
+    worker = None if no_worker else start_worker(settings, local_url, worker_interval, cycle_minutes)
     try:
         run_gateway(settings, **opts, mount=None if no_ui else mount_ui)
     finally:
@@ -141,7 +143,7 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG (Linux)
 
 
-def start_worker(settings, gateway_url: str, interval: float) -> subprocess.Popen:
+def start_worker(settings, gateway_url: str, interval: float, cycle_minutes: float | None) -> subprocess.Popen:
     """The retrain worker as its own process, so training never slows serving."""
     env = dict(os.environ)
     store = open_store(settings)
@@ -151,6 +153,8 @@ def start_worker(settings, gateway_url: str, interval: float) -> subprocess.Pope
            "--data-dir", str(settings.data_dir)]
     if settings.model is not None:
         cmd += ["--model", str(settings.model)]
+    if cycle_minutes is not None:
+        cmd += ["--cycle-minutes", str(cycle_minutes)]
     settings.ensure_dirs()
     with open(settings.logs_dir / "worker.log", "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_parent)

@@ -1,0 +1,117 @@
+"""`loopchat cycle run` beside a worker's cycle: it says which cycle runs, who started it and
+since when, `--wait` runs the new one right after it, and a queued cycle nobody took runs here.
+The cycle itself is replaced by a stand-in that publishes at once (fast; no model)."""
+
+import json
+import re
+
+import httpx
+import pytest
+from click.testing import CliRunner
+
+from feedback import Store, cycles
+from loopchat.commands import loop
+
+RUNNING = r"cycle 1 \(scheduled, started \d+ s ago by worker " + re.escape(cycles.this_worker()) + r"\) is in step ppo"
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")  # a checkpoint as far as the CLI can tell
+    return tmp_path
+
+
+@pytest.fixture
+def ran(monkeypatch) -> list[int]:
+    """The cycles the stand-in ran, in order."""
+    done = []
+
+    def run_cycle(store, cycle_id, cfg):
+        done.append(cycle_id)
+        cycles.advance(store, cycle_id, "published")
+        return cycles.get_cycle(store, cycle_id)
+
+    monkeypatch.setattr("train.cycle.run_cycle", run_cycle)
+    return done
+
+
+def running_cycle(store: Store) -> int:
+    """A scheduled cycle in PPO, run by a live worker (this process)."""
+    cycle_id = cycles.queue_cycle(store, trigger="scheduled")
+    cycles.claim(store, cycle_id)
+    cycles.advance(store, cycle_id, "ppo")
+    return cycle_id
+
+
+def cycle_run(data_dir, *args: str):
+    return CliRunner().invoke(loop.cycle, ["run", "--data-dir", str(data_dir), "--model", str(data_dir / "model"),
+                                           "--no-promote", *args])
+
+
+def test_run_says_which_cycle_runs_who_started_it_and_since_when(data_dir, ran):
+    store = Store(data_dir / "loopchat.db")
+    running_cycle(store)
+    result = cycle_run(data_dir)
+    assert result.exit_code == 1 and ran == []
+    assert re.fullmatch(f"Error: {RUNNING}; `loopchat cycle run --wait` runs yours right after it\n", result.output)
+
+
+def test_run_wait_runs_right_after_the_running_cycle(data_dir, ran, monkeypatch, caplog):
+    store = Store(data_dir / "loopchat.db")
+    first = running_cycle(store)
+    waits = []
+
+    def the_worker_finishes(seconds):  # instead of sleeping: the other cycle ends meanwhile
+        waits.append(seconds)
+        cycles.advance(store, first, "promoted")
+
+    monkeypatch.setattr(loop, "sleep", the_worker_finishes)
+    caplog.set_level("INFO")
+    result = cycle_run(data_dir, "--wait")
+    assert result.exit_code == 0, result.output
+    assert waits == [loop.WAIT_POLL_S] and re.search(f"waiting: {RUNNING}", caplog.text)
+    second = cycles.get_cycle(store, ran[0])
+    assert ran == [first + 1] and second["trigger"] == "manual" and second["worker"] == cycles.this_worker()
+    assert result.output.startswith(f"cycle {first + 1}: published (manual)")
+
+
+def test_run_takes_a_queued_cycle_that_no_worker_has_picked_up(data_dir, ran):
+    store = Store(data_dir / "loopchat.db")
+    queued = cycles.queue_cycle(store, trigger="manual")  # e.g. the dashboard's button with no worker running
+    result = cycle_run(data_dir)
+    assert result.exit_code == 0, result.output
+    assert ran == [queued] and cycles.get_cycle(store, queued)["worker"] == cycles.this_worker()
+
+
+def test_cycle_minutes_from_the_flag_else_the_config_else_ten(data_dir):
+    from loopchat.settings import Settings
+
+    settings = Settings(data_dir=data_dir, model=data_dir / "model")
+    config = data_dir / "cycle.json"
+    config.write_text(json.dumps({"cycle_minutes": 15, "ppo": {"steps": 3}}))
+
+    def minutes(config_file, flag):
+        return loop.cycle_config(settings, "http://gw", None, False, config_file, flag).cycle_minutes
+
+    assert (minutes(None, None), minutes(config, None), minutes(config, 0.0), minutes(None, 4.5)) == (10.0, 15, 0.0, 4.5)
+    assert "--cycle-minutes" in CliRunner().invoke(loop.worker, ["--help"]).output
+
+
+def test_admin_409_says_the_same(fake_gateway):
+    running_cycle(fake_gateway.store)
+    r = httpx.post(fake_gateway.url + "/admin/cycles")
+    assert r.status_code == 409
+    message = r.json()["error"]["message"]
+    assert re.fullmatch("C" + RUNNING[1:] + r"; ask again once it has ended \(`loopchat cycle run --wait` waits for it\)\.",
+                        message), message
+
+
+def test_a_policy_rank_the_server_refuses_is_a_one_line_error(data_dir, ran, monkeypatch):
+    (data_dir / "cycle.json").write_text(json.dumps({"sft": {"lora_r": 32}}))
+    monkeypatch.setenv("LOOPCHAT_MAX_LORA_RANK", "16")
+    result = cycle_run(data_dir, "--config", str(data_dir / "cycle.json"))
+    assert result.exit_code == 1 and "LoRA rank 32 is above the server's maximum 16" in result.output
+    assert ran == []
+    monkeypatch.setenv("LOOPCHAT_MAX_LORA_RANK", "32")
+    assert cycle_run(data_dir, "--config", str(data_dir / "cycle.json")).exit_code == 0 and ran == [1]
