@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import AsyncIterator
+from contextlib import suppress
+from typing import AsyncIterator, Awaitable, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -21,6 +22,8 @@ from serve.protocol import ChatCompletionRequest
 
 log = logging.getLogger("loopchat.chat")
 router = APIRouter()
+T = TypeVar("T")
+_writes: set[asyncio.Task] = set()  # completion rows being stored, referenced until done
 
 
 class Recorder:
@@ -100,32 +103,88 @@ async def open_stream(state, model: str, messages: list[dict], sampling: dict) -
 
 
 async def generate(state, req: ChatCompletionRequest, user: User, source: str = "chat") -> Recorder:
-    """Run one request to the end (non-streamed) and store it; used by chat and comparisons."""
+    """Run one request to the end (non-streamed) and store it; used by chat and comparisons.
+
+    Cancelled midway (its client hung up) or failed, it closes the engine stream, which aborts
+    the request upstream, and stores what came until then as incomplete."""
     name = state.registry.resolve(req.model)
     rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
                    sampling=req.sampling(), source=source, store=req.store)
     with state.registry.track(name):
         first, gen = await open_stream(state, name, rec.messages, rec.sampling)
-        rec.add(first)
-        async for chunk in gen:
-            rec.add(chunk)
+        try:
+            rec.add(first)
+            async for chunk in gen:
+                rec.add(chunk)
+        except BaseException:
+            if rec.store:
+                store_later(state, rec.row("incomplete"))
+            await gen.aclose()
+            raise
     await finish(state, rec, "complete")
     return rec
 
 
 async def finish(state, rec: Recorder, status: str) -> None:
+    """Count the completion and store it. The write starts before the first await, so once this
+    is called the row is stored even if the caller is cancelled meanwhile."""
     if rec.ttft is not None:
         state.metrics.ttft.observe(rec.ttft)
     state.metrics.tokens.labels(rec.served_by).inc((rec.usage or {}).get("completion_tokens", 0))
     if rec.id and rec.store:
-        await asyncio.to_thread(state.store.record_completion, rec.row(status))
+        await asyncio.shield(store_later(state, rec.row(status)))
+
+
+def store_later(state, row: dict) -> asyncio.Task:
+    """Store a completion row in a worker thread, so that SQLite waiting for its write lock (up to
+    its busy timeout) never blocks the event loop. The write runs as a task of its own, kept
+    referenced until done: it happens even when the request that started it is cancelled, as in
+    the `finally` of a stream whose client hung up, where an await would never resume."""
+    task = asyncio.create_task(asyncio.to_thread(state.store.record_completion, row))
+    _writes.add(task)
+    task.add_done_callback(_written)
+    return task
+
+
+def _written(task: asyncio.Task) -> None:
+    _writes.discard(task)
+    if not task.cancelled() and task.exception() is not None:
+        log.error("could not store a completion", exc_info=task.exception())
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """`await work`, but cancel it as soon as the client hangs up, and then answer 499 (which
+    nobody reads): cancelling a generation closes its engine stream, which aborts the request
+    upstream, so an abandoned request does not keep the engine busy for others.
+
+    Starlette notices a disconnect only while it sends a StreamingResponse, and a plain response
+    is computed before anything is sent; so this listens for `http.disconnect` itself. Once the
+    body has been read, as FastAPI has done before the endpoint runs, `receive()` returns
+    nothing else."""
+    task = asyncio.ensure_future(work)
+    hangup = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait((task, hangup), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hangup.cancel()
+        task.cancel()  # nothing when it is done; when this request is cancelled itself, the work goes too
+    if task in done:
+        return task.result()
+    with suppress(asyncio.CancelledError):
+        await task  # its clean-up: the engine stream closed, the incomplete row on its way to the store
+    raise APIError(499, "The client closed the request.", code="client_closed_request")
+
+
+async def _disconnect(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.post("/v1/chat/completions")
 async def chat_completions(req: ChatCompletionRequest, request: Request, user: User = Depends(current_user)):
     state = request.app.state
     if not req.stream:
-        return JSONResponse((await generate(state, req, user)).response())
+        return JSONResponse((await cancel_on_disconnect(request, generate(state, req, user))).response())
 
     name = state.registry.resolve(req.model)
     rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
@@ -133,7 +192,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
     state.registry.acquire(name)
     try:
-        first, gen = await open_stream(state, name, rec.messages, rec.sampling)
+        first, gen = await cancel_on_disconnect(request, open_stream(state, name, rec.messages, rec.sampling))
     except BaseException:
         state.registry.release(name)
         raise
@@ -151,17 +210,17 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
                 except StopAsyncIteration:
                     break
             # Stored before [DONE], so a client may send feedback on the id as soon as the stream ends.
+            stored = True  # by finish() even if the client hangs up while it waits for the write
             await finish(state, rec, "complete")
-            stored = True
             yield b"data: [DONE]\n\n"
         except (EngineError, EngineUnavailable) as e:
             err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}}
             yield b"data: " + orjson.dumps(err) + b"\n\n"
-        finally:
+        finally:  # runs under cancellation when the client hangs up: nothing before the last line awaits
             state.registry.release(name)
-            await gen.aclose()
             if not stored and rec.id and rec.store:  # the client went away (or the engine failed): keep it, as incomplete
-                state.store.record_completion(rec.row("incomplete"))
+                store_later(state, rec.row("incomplete"))
+            await gen.aclose()
 
     return StreamingResponse(sse(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -16,7 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt, mo
 from feedback.errors import FeedbackError, Invalid, NotFound, NotYours
 from feedback.stats import feedback_stats
 from serve.auth import User, current_user, require_admin
-from serve.chat import generate
+from serve.chat import cancel_on_disconnect, generate
 from serve.errors import APIError
 from serve.protocol import ChatCompletionRequest
 
@@ -123,8 +123,8 @@ async def create_comparison(body: ComparisonRequest, request: Request, user: Use
         state.registry.resolve(model)
     tasks = [asyncio.ensure_future(generate(state, body.model_copy(update={"model": m}), user, source="comparison"))
              for m in models]
-    try:
-        candidates = await asyncio.gather(*tasks)
+    try:  # a client that hangs up aborts both candidates
+        candidates = await cancel_on_disconnect(request, asyncio.gather(*tasks))
     except BaseException:
         for task in tasks:
             task.cancel()

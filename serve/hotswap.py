@@ -7,8 +7,10 @@ they began with, and every new request after the switch gets the new one."""
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
+from pathlib import Path
 
 from feedback import cycles
 from serve.engines import EngineError, EngineUnavailable
@@ -17,6 +19,7 @@ from serve.registry import engine_name
 
 log = logging.getLogger("loopchat.hotswap")
 DRAIN_TIMEOUT_S = 300
+RESTORE_RETRY_S = 1.0
 PROBE = [{"role": "user", "content": "Say OK."}]
 
 
@@ -32,6 +35,7 @@ async def switch(state, version: str | None, *, action: str, by_user: str, recor
                 raise APIError(404, f"No adapter version `{version}`.", param="version", code="adapter_not_found")
             name = engine_name(version)
             if name not in registry.loaded:
+                await asyncio.to_thread(_check_rank, adapter["path"], version, state.max_lora_rank)
                 await _load(engine, name, adapter["path"])
                 registry.loaded[name] = adapter["path"]
             await _probe(state, name)
@@ -50,16 +54,48 @@ async def switch(state, version: str | None, *, action: str, by_user: str, recor
 
 
 async def restore(state) -> None:
-    """At start-up: serve the version the store says was promoted last."""
-    while not await state.engine.ready():
-        await asyncio.sleep(0.5)
-    version, _ = await asyncio.to_thread(cycles.serving_version, state.store)
+    """At start-up: serve the version the store says was promoted last.
+
+    An unavailable engine (still starting, restarting, or dropping out mid-restore) is waited
+    out: the version itself is fine, and serving the base model instead would silently undo a
+    promotion. Anything else that goes wrong (the adapter is missing or broken, its probe
+    fails, an error nobody expected) is logged and the base model serves. Either way
+    `restoring` is cleared at the end, so /readyz reports the engine alone. Each try reads the
+    store again, so a promotion made meanwhile wins."""
+    version = None
     try:
-        if version:
-            await switch(state, version, action="restore", by_user="startup", record=False)
-    except APIError as e:
-        log.error("could not restore %s (%s); serving the base model", version, e.message)
-    state.registry.restoring = False
+        while True:
+            while not await state.engine.ready():
+                await asyncio.sleep(0.5)
+            version, _ = await asyncio.to_thread(cycles.serving_version, state.store)
+            if not version:
+                return
+            try:
+                await switch(state, version, action="restore", by_user="startup", record=False)
+                return
+            except APIError as e:
+                if e.code != "engine_unavailable":
+                    log.error("could not restore %s (%s); serving the base model", version, e.message)
+                    return
+                log.warning("restoring %s: %s; retrying", version, e.message)
+                await asyncio.sleep(RESTORE_RETRY_S)
+    except Exception:
+        log.exception("could not restore %s; serving the base model", version or "the promoted version")
+    finally:
+        state.registry.restoring = False
+
+
+def _check_rank(path: str, version: str, max_rank: int) -> None:
+    """Refuse an adapter the engine would refuse (vLLM answers a rank above its --max-lora-rank
+    with an error that would reach the operator as a 502)."""
+    try:
+        rank = json.loads((Path(path) / "adapter_config.json").read_text()).get("r") or 0
+    except (OSError, ValueError) as e:
+        raise APIError(400, f"{version}: cannot read its adapter_config.json ({e}).", param="version",
+                       code="adapter_invalid") from e
+    if rank > max_rank:
+        raise APIError(400, f"{version} has LoRA rank {rank}; the engine accepts at most {max_rank} "
+                       "(--max-lora-rank / LOOPCHAT_MAX_LORA_RANK).", param="version", code="adapter_rank_too_large")
 
 
 async def _load(engine, name: str, path: str) -> None:
@@ -73,13 +109,18 @@ async def _load(engine, name: str, path: str) -> None:
 
 
 async def _probe(state, name: str) -> None:
-    """One short answer from the new version before any user sees it."""
+    """One short answer from the new version before any user sees it; it is unloaded if that fails."""
     try:
         async for _ in state.engine.stream(name, PROBE, {"max_tokens": 1, "temperature": 0}):
             pass
     except (EngineError, EngineUnavailable) as e:
-        await state.engine.unload_adapter(name)
         state.registry.loaded.pop(name, None)
+        try:
+            await state.engine.unload_adapter(name)
+        except (EngineError, EngineUnavailable) as unload_error:
+            log.warning("could not unload %s after its failed probe: %s", name, unload_error)
+        if isinstance(e, EngineUnavailable):
+            raise APIError(503, f"the engine went away while probing {name}: {e}", code="engine_unavailable") from e
         raise APIError(502, f"the probe request to {name} failed: {e}", code="probe_failed") from e
 
 

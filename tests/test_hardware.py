@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 import hardware
@@ -71,3 +72,19 @@ def test_both_engines_take_the_choice(tmp_path, dtype):
     assert vllm.info["dtype"] == dtype
     hf = create_engine("transformers", model_dir=tmp_path, served_name="m", dtype=choice)
     assert hf.info == {"dtype": dtype, "device": "cpu", "reason": choice.reason}
+
+
+def test_the_gateway_shows_how_its_engine_computes(fake_gateway):
+    ready = httpx.get(fake_gateway.url + "/readyz").json()
+    assert {ready["dtype"], ready["device"]} == {"float32", "cpu"} and ready["reason"]
+    metrics = httpx.get(fake_gateway.url + "/metrics").text
+    assert 'loopchat_engine_info{device="cpu",dtype="float32",kind="fake"' in metrics
+
+
+@pytest.mark.slow
+def test_up_serves_the_dtype_this_cpu_computes_natively_and_says_why(vllm_gateway):
+    expected = hardware.choose()
+    ready = httpx.get(vllm_gateway.url + "/readyz").json()
+    assert (ready["dtype"], ready["reason"]) == (expected.dtype, expected.reason)
+    assert f"serving in {expected.dtype} on cpu: {expected.reason}" in vllm_gateway.log_path.read_text()
+    assert f"'dtype': '{expected.dtype}'" in (vllm_gateway.data_dir / "logs" / "vllm.log").read_text()
