@@ -222,8 +222,17 @@ class InProcessGateway:
         return {"Authorization": f"Bearer {self.keys[who]}"}
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess:
-        """Run a `loopchat` command against this gateway's data dir."""
-        return run_cli(self.data_dir, *args, input=input)
+        """Run a `loopchat` command against this gateway's data dir, in this process (click's runner:
+        the same command code, exit code and output streams as `Server.cli`, without a Python start)."""
+        from click.testing import CliRunner
+
+        from loopchat.cli import cli
+
+        argv = list(args) + ["--data-dir", str(self.data_dir)]
+        result = CliRunner().invoke(cli, argv, input=input)
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return subprocess.CompletedProcess(["loopchat", *argv], result.exit_code, result.stdout, result.stderr)
 
     def publish_adapter(self, rank: int = 8) -> str:
         """Publish and record a LoRA-shaped adapter folder the way a cycle does; its version ("vN").
@@ -280,17 +289,28 @@ def ask(url: str, model: str = "loopchat") -> str:
     return r.json()["model"]
 
 
+def read_stream(r: httpx.Response) -> dict | None:
+    """A streamed chat answer's id, engine model (who answered) and text, when it was a 200 that
+    ended with [DONE]; else None. Reads `r` to its end."""
+    events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    if r.status_code != 200 or not events or events[-1] != "[DONE]":
+        return None
+    chunks = [json.loads(e) for e in events[:-1]]
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    return {"id": chunks[0]["id"], "model": chunks[0]["model"], "text": text}
+
+
 class StreamingLoad:
     """`clients` threads streaming chat completions back to back while the `with` block runs.
 
-    `.results` gets one dict per request: ok (200 and the stream ended with [DONE]), status, prompt,
-    started (time.monotonic() when it was sent) and, when ok, id, model (the engine model that
-    answered) and text. `switch()` moves the alias under this load and records when."""
+    `.results` gets one dict per request: ok, status, prompt, started and finished (time.monotonic())
+    and, when ok, id, model (the engine model that answered) and text. `switch()` moves the alias
+    under this load and records when, in `.phases`."""
 
     def __init__(self, url: str, clients: int = 8, max_tokens: int = 12):
         self.url, self.max_tokens = url, max_tokens
         self.results: list[dict] = []
-        self.phases: list[tuple[float, str]] = []  # (when the alias moved, the engine model it moved to)
+        self.phases: list[tuple[float, float, str]] = []  # (switch asked, switch answered, engine model now)
         self.stop = threading.Event()
         self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
 
@@ -304,14 +324,12 @@ class StreamingLoad:
                 try:
                     with http.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
                         result["status"] = r.status_code
-                        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+                        answer = read_stream(r)
+                    if answer:
+                        result.update(ok=True, **answer)
                 except httpx.HTTPError as e:
                     result["status"] = repr(e)
-                else:
-                    if r.status_code == 200 and events and events[-1] == "[DONE]":
-                        chunks = [json.loads(e) for e in events[:-1]]
-                        text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-                        result.update(ok=True, id=chunks[0]["id"], model=chunks[0]["model"], text=text)
+                result["finished"] = time.monotonic()
                 self.results.append(result)
 
     def __enter__(self) -> "StreamingLoad":
@@ -333,19 +351,26 @@ class StreamingLoad:
     def switch(self, admin: httpx.Client, path: str, version: str, timeout: float = 180) -> None:
         """POST the admin `path` (a promotion or rollback) that moves the alias to `version`, check the
         very next request gets it, then wait until a streamed answer sent after the switch has finished."""
+        asked = time.monotonic()
         r = admin.post(path)
         assert r.status_code == 200, r.text
         assert r.json()["serving"] == version, r.json()
         switched, name = time.monotonic(), f"policy-{version}"
-        self.phases.append((switched, name))
+        self.phases.append((asked, switched, name))
         assert ask(self.url) == name
         wait_for(lambda: self.ok_since(switched), timeout, f"a streamed answer sent after the switch to {version}")
 
     def served_by_phase(self) -> list[set[str]]:
-        """For each switch, the engine models that answered the requests sent after it (and before the next)."""
-        ends = [t for t, _ in self.phases[1:]] + [float("inf")]
-        return [{x["model"] for x in self.results if x["ok"] and start < x["started"] < end}
-                for (start, _), end in zip(self.phases, ends)]
+        """For each switch, the engine models that answered the requests sent after it was answered and
+        before the next was asked (a request sent while a switch is under way may get either version)."""
+        ends = [asked for asked, _, _ in self.phases[1:]] + [float("inf")]
+        return [{x["model"] for x in self.results if x["ok"] and switched < x["started"] < end}
+                for (_, switched, _), end in zip(self.phases, ends)]
+
+    def in_flight_across_switches(self) -> list[int]:
+        """For each switch, how many answers were sent before it was asked and finished after it was answered."""
+        return [sum(x["started"] < asked and x["finished"] > switched for x in self.results if x["ok"])
+                for asked, switched, _ in self.phases]
 
 
 @pytest.fixture

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
-import time
-
 import psutil
 import pytest
-from conftest import Server, free_port
+from conftest import Server, free_port, wait_for
 
 pytestmark = pytest.mark.slow
+
+
+def exited(process: psutil.Process) -> bool:
+    try:
+        return process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
 
 
 def test_sigterm_to_up_stops_its_worker(vllm_gateway, model_dir, tmp_path):
@@ -19,9 +24,6 @@ def test_sigterm_to_up_stops_its_worker(vllm_gateway, model_dir, tmp_path):
         [worker] = [p for p in psutil.Process(server.proc.pid).children() if "worker" in p.cmdline()]
         server.proc.terminate()
         server.proc.wait(60)
-        deadline = time.monotonic() + 30
-        while worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+        wait_for(lambda: exited(worker), 60, "the worker to exit with `loopchat up`")
     finally:
         server.stop()

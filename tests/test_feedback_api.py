@@ -1,4 +1,4 @@
-"""Feedback through the real HTTP API, the real vLLM engine and the real SQLite file."""
+"""Feedback through the real HTTP API and the real SQLite file (the real app in front of the fake engine)."""
 
 from __future__ import annotations
 
@@ -7,14 +7,11 @@ import contextlib
 import httpx
 import pytest
 
-pytestmark = pytest.mark.slow
+from conftest import assert_error
+from fake_engine import answer
 
 TABLES = ("completions", "feedback", "corrections", "comparisons", "votes")
 CHAT = {"model": "loopchat", "messages": [{"role": "user", "content": "Say hi."}], "max_tokens": 8}
-
-
-def auth(gateway, name: str) -> dict:
-    return {"Authorization": f"Bearer {gateway.keys[name]}"}
 
 
 def counts(gateway) -> dict[str, int]:
@@ -29,27 +26,23 @@ def feedback_metric(gateway, kind: str) -> float:
     return 0.0
 
 
-def assert_error(r: httpx.Response, status: int, param: str | None = None) -> dict:
-    assert r.status_code == status, r.text
-    err = r.json()["error"]
-    assert set(err) == {"message", "type", "param", "code"} and err["message"]
-    if param:
-        assert err["param"] == param
-    return err
+@pytest.fixture(scope="module")
+def gw(fake_keyed_gateway):
+    """Keys required: alice and bob (users), ops (admin)."""
+    return fake_keyed_gateway
 
 
 @pytest.fixture(scope="module")
-def alice_completion(keyed_gateway) -> str:
+def alice_completion(gw) -> str:
     """A two-choice completion of alice's."""
-    r = httpx.post(keyed_gateway.url + "/v1/chat/completions", json={**CHAT, "n": 2},
-                   headers=auth(keyed_gateway, "alice"), timeout=120)
+    r = httpx.post(gw.url + "/v1/chat/completions", json={**CHAT, "n": 2}, headers=gw.headers("alice"))
     assert r.status_code == 200, r.text
     return r.json()["id"]
 
 
-def test_thumbs_revotes_and_corrections(keyed_gateway, alice_completion):
-    url, alice = keyed_gateway.url + "/v1/feedback", auth(keyed_gateway, "alice")
-    ups, corrections = feedback_metric(keyed_gateway, "thumbs_up"), feedback_metric(keyed_gateway, "correction")
+def test_thumbs_revotes_and_corrections(gw, alice_completion):
+    url, alice = gw.url + "/v1/feedback", gw.headers("alice")
+    ups, corrections = feedback_metric(gw, "thumbs_up"), feedback_metric(gw, "correction")
     r = httpx.post(url, json={"completion_id": alice_completion, "rating": 1, "reason": "helpful",
                               "comment": "short and sweet"}, headers=alice)
     assert r.status_code == 200, r.text
@@ -57,7 +50,7 @@ def test_thumbs_revotes_and_corrections(keyed_gateway, alice_completion):
     assert set(first) >= {"id", "object", "completion_id", "rating", "reason", "comment", "correction", "created_at"}
     assert (first["object"], first["completion_id"], first["rating"], first["reason"], first["correction"]) == \
         ("feedback", alice_completion, 1, "helpful", None)
-    before = counts(keyed_gateway)
+    before = counts(gw)
 
     r = httpx.post(url, json={"completion_id": alice_completion, "rating": -1, "choice_index": 1,
                               "correction": "Hi! How can I help you today?"}, headers=alice)
@@ -68,16 +61,16 @@ def test_thumbs_revotes_and_corrections(keyed_gateway, alice_completion):
     r = httpx.post(url, json={"completion_id": alice_completion, "rating": -1, "correction": "Hello."},
                    headers=alice)
     assert r.json()["correction"] == "Hello."
-    after = counts(keyed_gateway)
+    after = counts(gw)
     assert after["feedback"] == before["feedback"] and after["corrections"] == before["corrections"] + 1
 
     listed = httpx.get(url, params={"completion_id": alice_completion}, headers=alice).json()
     assert listed["object"] == "list" and [f["correction"] for f in listed["data"]] == ["Hello."]
     assert httpx.get(url, params={"limit": 1}, headers=alice).json()["data"][0]["id"] == first["id"]
     assert httpx.get(url, params={"completion_id": alice_completion},
-                     headers=auth(keyed_gateway, "bob")).json()["data"] == []
-    assert feedback_metric(keyed_gateway, "thumbs_up") == ups + 1
-    assert feedback_metric(keyed_gateway, "correction") == corrections + 2
+                     headers=gw.headers("bob")).json()["data"] == []
+    assert feedback_metric(gw, "thumbs_up") == ups + 1
+    assert feedback_metric(gw, "correction") == corrections + 2
 
 
 BAD_FEEDBACK = [
@@ -102,9 +95,9 @@ BAD_FEEDBACK = [
 
 
 @pytest.mark.parametrize("name,body,who,status,param", BAD_FEEDBACK, ids=[c[0] for c in BAD_FEEDBACK])
-def test_bad_feedback_is_refused_and_writes_nothing(keyed_gateway, alice_completion, name, body, who, status,
+def test_bad_feedback_is_refused_and_writes_nothing(gw, alice_completion, name, body, who, status,
                                                     param):
-    headers = auth(keyed_gateway, who) if who else {}
+    headers = gw.headers(who) if who else {}
     if isinstance(body, bytes):
         kwargs = {"content": body, "headers": {**headers, "content-type": "application/json"}}
     else:
@@ -112,41 +105,41 @@ def test_bad_feedback_is_refused_and_writes_nothing(keyed_gateway, alice_complet
         body = {k: fill.get(v, v) for k, v in body.items()} if isinstance(body, dict) else \
             [fill.get(v, v) for v in body]
         kwargs = {"json": body, "headers": headers}
-    before = counts(keyed_gateway)
-    assert_error(httpx.post(keyed_gateway.url + "/v1/feedback", **kwargs), status, param)
-    assert counts(keyed_gateway) == before
+    before = counts(gw)
+    assert_error(httpx.post(gw.url + "/v1/feedback", **kwargs), status, param)
+    assert counts(gw) == before
 
 
-def test_listing_feedback_validates_its_limit(keyed_gateway):
-    r = httpx.get(keyed_gateway.url + "/v1/feedback", params={"limit": 0}, headers=auth(keyed_gateway, "alice"))
+def test_listing_feedback_validates_its_limit(gw):
+    r = httpx.get(gw.url + "/v1/feedback", params={"limit": 0}, headers=gw.headers("alice"))
     assert assert_error(r, 400)["param"].endswith("limit")
 
 
-def test_comparison_is_blind_until_its_creator_votes(keyed_gateway, model_dir):
-    alice, bob = auth(keyed_gateway, "alice"), auth(keyed_gateway, "bob")
-    before = counts(keyed_gateway)
-    comparisons, votes = feedback_metric(keyed_gateway, "comparison"), feedback_metric(keyed_gateway, "vote")
-    r = httpx.post(keyed_gateway.url + "/v1/comparisons",
-                   json={**CHAT, "temperature": 1.0, "models": ["loopchat", model_dir.name]}, headers=alice,
-                   timeout=120)
+def test_comparison_is_blind_until_its_creator_votes(gw):
+    alice, bob = gw.headers("alice"), gw.headers("bob")
+    version = gw.publish_adapter()
+    assert httpx.post(f"{gw.url}/admin/adapters/{version}/promote", headers=gw.headers("ops")).status_code == 200
+    before = counts(gw)
+    comparisons, votes = feedback_metric(gw, "comparison"), feedback_metric(gw, "vote")
+    r = httpx.post(gw.url + "/v1/comparisons", json={**CHAT, "models": ["loopchat", "base-model"]}, headers=alice)
     assert r.status_code == 200, r.text
     cmp = r.json()
     assert cmp["id"].startswith("cmp-") and cmp["object"] == "comparison"
     assert [set(c) for c in cmp["candidates"]] == [{"id", "content"}] * 2
     assert cmp["candidates"][0]["id"] != cmp["candidates"][1]["id"]
-    after = counts(keyed_gateway)
+    after = counts(gw)
     assert (after["completions"], after["comparisons"]) == (before["completions"] + 2, before["comparisons"] + 1)
-    with contextlib.closing(keyed_gateway.db()) as db:
+    with contextlib.closing(gw.db()) as db:
         sources = {r[0] for r in db.execute("SELECT source FROM completions WHERE id IN (?, ?)",
                                             [c["id"] for c in cmp["candidates"]])}
     assert sources == {"comparison"}
 
-    url = f"{keyed_gateway.url}/v1/comparisons/{cmp['id']}"
+    url = f"{gw.url}/v1/comparisons/{cmp['id']}"
     shown = httpx.get(url, headers=alice).json()
     assert shown["choice"] is None and shown["candidates"] == cmp["candidates"]
     assert_error(httpx.get(url, headers=bob), 403)
     assert_error(httpx.post(url + "/vote", json={"choice": "a"}, headers=bob), 403)
-    assert counts(keyed_gateway)["votes"] == before["votes"]
+    assert counts(gw)["votes"] == before["votes"]
 
     r = httpx.post(url + "/vote", json={"choice": "a"}, headers=alice)
     assert r.status_code == 200, r.text
@@ -154,13 +147,15 @@ def test_comparison_is_blind_until_its_creator_votes(keyed_gateway, model_dir):
     revealed = r.json()["candidates"]
     assert [c["id"] for c in revealed] == [c["id"] for c in cmp["candidates"]]
     assert [c["content"] for c in revealed] == [c["content"] for c in cmp["candidates"]]
-    assert {c["model"] for c in revealed} == {model_dir.name}  # "loopchat" serves the base model here
+    assert {c["model"] for c in revealed} == {f"policy-{version}", "base-model"}
+    for c in revealed:  # the reveal names the model that really wrote each candidate
+        assert c["content"] == answer(c["model"], CHAT["messages"])
     r = httpx.post(url + "/vote", json={"choice": "both_bad"}, headers=alice)
     assert r.json()["choice"] == "both_bad"
-    assert counts(keyed_gateway)["votes"] == before["votes"] + 1
+    assert counts(gw)["votes"] == before["votes"] + 1
     assert httpx.get(url, headers=alice).json()["candidates"] == revealed
-    assert feedback_metric(keyed_gateway, "comparison") == comparisons + 1
-    assert feedback_metric(keyed_gateway, "vote") == votes + 2
+    assert feedback_metric(gw, "comparison") == comparisons + 1
+    assert feedback_metric(gw, "vote") == votes + 2
 
 
 BAD_COMPARISONS = [
@@ -175,12 +170,11 @@ BAD_COMPARISONS = [
 
 
 @pytest.mark.parametrize("name,body,status,param", BAD_COMPARISONS, ids=[c[0] for c in BAD_COMPARISONS])
-def test_bad_comparison_is_refused_and_writes_nothing(keyed_gateway, name, body, status, param):
-    before = counts(keyed_gateway)
-    r = httpx.post(keyed_gateway.url + "/v1/comparisons", json=body, headers=auth(keyed_gateway, "alice"),
-                   timeout=120)
+def test_bad_comparison_is_refused_and_writes_nothing(gw, name, body, status, param):
+    before = counts(gw)
+    r = httpx.post(gw.url + "/v1/comparisons", json=body, headers=gw.headers("alice"))
     assert_error(r, status, param)
-    assert counts(keyed_gateway) == before
+    assert counts(gw) == before
 
 
 @pytest.mark.parametrize("path,body,status", [
@@ -189,19 +183,19 @@ def test_bad_comparison_is_refused_and_writes_nothing(keyed_gateway, name, body,
     ("/v1/comparisons/cmp-nope/vote", {}, 400),
     ("/v1/comparisons/cmp-nope", None, 404),
 ])
-def test_bad_vote_is_refused(keyed_gateway, path, body, status):
-    before = counts(keyed_gateway)
-    headers = auth(keyed_gateway, "alice")
-    r = httpx.get(keyed_gateway.url + path, headers=headers) if body is None else \
-        httpx.post(keyed_gateway.url + path, json=body, headers=headers)
+def test_bad_vote_is_refused(gw, path, body, status):
+    before = counts(gw)
+    headers = gw.headers("alice")
+    r = httpx.get(gw.url + path, headers=headers) if body is None else \
+        httpx.post(gw.url + path, json=body, headers=headers)
     assert_error(r, status)
-    assert counts(keyed_gateway) == before
+    assert counts(gw) == before
 
 
-def test_stats_are_for_admins(keyed_gateway):
-    url = keyed_gateway.url + "/admin/feedback/stats"
-    assert_error(httpx.get(url, headers=auth(keyed_gateway, "alice")), 403)
-    r = httpx.get(url, headers=auth(keyed_gateway, "ops"))
+def test_stats_are_for_admins(gw):
+    url = gw.url + "/admin/feedback/stats"
+    assert_error(httpx.get(url, headers=gw.headers("alice")), 403)
+    r = httpx.get(url, headers=gw.headers("ops"))
     assert r.status_code == 200, r.text
     stats = r.json()
     assert set(stats["kinds"]) == {"thumbs_up", "thumbs_down", "correction", "comparison", "vote"}

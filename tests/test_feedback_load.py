@@ -1,4 +1,5 @@
-"""Many feedback posts at once against a running gateway, and the per-user rate limit."""
+"""Many feedback posts at once against a running gateway (the real app and SQLite file, the fake
+engine), and the per-user rate limit."""
 
 from __future__ import annotations
 
@@ -10,12 +11,11 @@ import time
 import httpx
 import pytest
 
-from conftest import Server, free_port
-from feedback import Store
+from conftest import InProcessGateway
 from feedback_fixtures import add_completion
 from serve.ratelimit import SlidingWindow
 
-CLIENTS, COMPLETIONS_EACH, POSTS_EACH = 32, 8, 160  # 5,120 posts
+CLIENTS, COMPLETIONS_EACH, POSTS_EACH = 32, 8, 40  # 1,280 posts
 LIMIT = 5
 
 
@@ -38,9 +38,8 @@ async def post_all(url: str, jobs: list[tuple[str, list[dict]]]) -> list[list[ht
         return await asyncio.gather(*(run(user, bodies) for user, bodies in jobs))
 
 
-@pytest.mark.slow
-def test_thousands_of_concurrent_posts_leave_one_row_per_completion_with_the_last_vote(vllm_gateway):
-    store = Store(vllm_gateway.db_path)
+def test_a_thousand_concurrent_posts_leave_one_row_per_completion_with_the_last_vote(fake_gateway):
+    store = fake_gateway.store
     rng = random.Random(7)
     jobs, last = [], {}
     for c in range(CLIENTS):
@@ -52,32 +51,28 @@ def test_thousands_of_concurrent_posts_leave_one_row_per_completion_with_the_las
         last.update({(user, b["completion_id"]): (b["rating"], b["comment"]) for b in bodies})
 
     t0 = time.monotonic()
-    responses = asyncio.run(post_all(vllm_gateway.url, jobs))
+    responses = asyncio.run(post_all(fake_gateway.url, jobs))
     elapsed = time.monotonic() - t0
     statuses = [r.status_code for client in responses for r in client]
     print(f"{len(statuses)} posts from {CLIENTS} clients in {elapsed:.1f} s ({len(statuses) / elapsed:.0f}/s)")
     assert len(statuses) == CLIENTS * POSTS_EACH and set(statuses) == {200}
 
-    with contextlib.closing(vllm_gateway.db()) as db:
+    with contextlib.closing(fake_gateway.db()) as db:
         rows = db.execute("SELECT user, completion_id, rating, comment FROM feedback WHERE user LIKE 'load-%'")
         stored = {(r["user"], r["completion_id"]): (r["rating"], r["comment"]) for r in rows}
     assert stored == last
 
 
-@pytest.fixture(scope="module")
-def limited_gateway(vllm_gateway, model_dir, tmp_path_factory):
-    """A gateway allowing LIMIT feedback posts a minute per user, on vllm_gateway's vLLM server."""
-    data = tmp_path_factory.mktemp("limited-gw")
-    port = free_port()
-    server = Server(["serve", "--engine-url", vllm_gateway.engine_url, "--port", str(port), "--data-dir", str(data),
-                     "--model", str(model_dir), "--feedback-rate-limit", str(LIMIT)], data, port)
-    yield server.start()
-    server.stop()
+@pytest.fixture
+def limited_gateway(tmp_path):
+    """A gateway allowing LIMIT feedback posts a minute per user."""
+    gw = InProcessGateway(tmp_path / "limited", feedback_rate_limit=LIMIT).start()
+    yield gw
+    gw.stop()
 
 
-@pytest.mark.slow
 def test_rate_limit_refuses_posts_past_it_for_that_user_only(limited_gateway):
-    store = Store(limited_gateway.db_path)
+    store = limited_gateway.store
     eager = add_completion(store, "eager-1", user="eager")
     calm = add_completion(store, "calm-1", user="calm")
     bodies = [{"completion_id": eager, "rating": 1, "comment": str(i)} for i in range(CLIENTS)]

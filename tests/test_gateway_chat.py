@@ -36,7 +36,8 @@ def test_non_streamed_chat_is_answered_and_stored(fake_gateway, client):
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
     row = stored(fake_gateway, r.id)
     assert row["output"] == text and json.loads(row["messages"]) == PROMPT
-    assert (row["model"], row["served_by"], row["user"], row["status"]) == ("loopchat", "base-model", "local", "complete")
+    assert (row["model"], row["served_by"], row["user"], row["status"]) == \
+        ("loopchat", "base-model", "local", "complete")
     assert (row["prompt_tokens"], row["completion_tokens"]) == (r.usage.prompt_tokens, r.usage.completion_tokens)
     assert row["finish_reason"] == "stop"
     assert json.loads(row["params"]) == {"n": 1, "temperature": 0, "max_tokens": 24}
@@ -121,9 +122,12 @@ def test_health_ready_and_metrics(fake_gateway, client):
     r = client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=4)
     assert httpx.get(url + "/metrics").headers["content-type"].startswith("text/plain")
     counted = 'loopchat_requests_total{route="/v1/chat/completions",status="200"} 1.0'
-    # a request is counted once its last byte is sent, which may be just after the client has read it
-    text = wait_for(lambda: (t := httpx.get(url + "/metrics").text) if counted in t else None, 30,
-                    "the request to be counted")
+
+    def metrics_counting_it():  # a request is counted after its last byte, maybe just after the client read it
+        text = httpx.get(url + "/metrics").text
+        return text if counted in text else None
+
+    text = wait_for(metrics_counting_it, 30, "the chat request to be counted in /metrics")
     assert "loopchat_time_to_first_token_seconds_count 1.0" in text
     assert f'loopchat_generated_tokens_total{{served_by="base-model"}} {float(r.usage.completion_tokens)}' in text
     assert "loopchat_serving_policy_version 0.0" in text

@@ -35,13 +35,14 @@ def count(gateway) -> int:
 
 
 @pytest.mark.parametrize("name,body,status,param", CASES, ids=[c[0] for c in CASES])
-def test_bad_request(fake_gateway, name, body, status, param):
-    kwargs = {"content": body, "headers": {"content-type": "application/json"}} if isinstance(body, bytes) \
-        else {"json": body}
-    r = httpx.post(fake_gateway.url + "/v1/chat/completions", timeout=60, **kwargs)
-    assert_error(r, status, param)
-    assert count(fake_gateway) == 0
-    assert httpx.post(fake_gateway.url + "/v1/chat/completions", json=GOOD).status_code == 200  # still serving
+def test_bad_request(fake_keyed_gateway, name, body, status, param):
+    gw, alice = fake_keyed_gateway, fake_keyed_gateway.headers("alice")
+    before = count(gw)
+    kwargs = {"content": body, "headers": {**alice, "content-type": "application/json"}} \
+        if isinstance(body, bytes) else {"json": body, "headers": alice}
+    assert_error(httpx.post(gw.url + "/v1/chat/completions", **kwargs), status, param)
+    assert count(gw) == before
+    assert httpx.post(gw.url + "/v1/chat/completions", json=GOOD, headers=alice).status_code == 200  # still serving
 
 
 def test_streamed_bad_request_is_an_error_not_a_stream(fake_gateway):

@@ -21,6 +21,8 @@ def restarted_gateway(tmp_path, break_engine):
     """An in-process gateway whose store says v1 was promoted, started after `break_engine(engine)`;
     yields it once /readyz answers 200."""
     gw = InProcessGateway(tmp_path / "gw")
+    (tmp_path / "v1").mkdir()
+    (tmp_path / "v1" / "adapter_config.json").write_text('{"peft_type": "LORA", "r": 8}')
     cycles.record_adapter(gw.store, "v1", str(tmp_path / "v1"), {})
     cycles.record_promotion(gw.store, "v1", "promote", "ops")
     break_engine(gw.engine)
