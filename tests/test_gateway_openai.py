@@ -57,3 +57,15 @@ def test_streamed_chat_ends_with_usage_and_is_stored(gateway, client):
     assert len(ids) == 1
     row = stored(gateway, ids.pop())
     assert row["output"] == text and row["status"] == "complete"
+
+
+def test_stop_and_max_tokens_are_applied_by_the_engine(gateway, client):
+    """Each engine applies these itself (the transformers engine cuts stop strings in its own streamer)."""
+    full = client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=24, temperature=0)
+    text = full.choices[0].message.content
+    cut = text.index("Paris")
+    stopped = client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=24, temperature=0,
+                                             stop=["Paris"])
+    assert stopped.choices[0].message.content == text[:cut] and stopped.choices[0].finish_reason == "stop"
+    short = client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=2, temperature=0)
+    assert short.usage.completion_tokens == 2 and short.choices[0].finish_reason == "length"

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import wait_for
 from feedback_fixtures import add_completion
 from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401
 
@@ -45,16 +46,6 @@ def start_worker(data: Path, model: Path, config: Path, min_comparisons: int) ->
         stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
 
 
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.3)
-    raise TimeoutError(what)
-
-
 def stop(*procs: subprocess.Popen) -> None:
     for p in procs:
         if p.poll() is None:
@@ -71,7 +62,7 @@ def test_trigger_one_cycle_at_a_time_and_sigkill_mid_ppo(tmp_path, tiny_model_di
 
     # Below the threshold nothing runs, however many checks pass.
     idle = [start_worker(tmp_path, tiny_model_dir, config, min_comparisons=100) for _ in range(2)]
-    time.sleep(8)
+    time.sleep(8)  # an absence: 8 one-second checks may pass and must start nothing
     assert all(p.poll() is None for p in idle)
     stop(*idle)
     assert cycles.list_cycles(store) == []
