@@ -388,3 +388,18 @@ def fake_keyed_gateway(tmp_path_factory):
                           keys={"alice": False, "bob": False, "ops": True}).start()
     yield gw
     gw.stop()
+
+
+def openai_client(gateway):
+    """The `openai` SDK pointed at a gateway in open mode (no retries: a failure shows at once)."""
+    import openai
+
+    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused-in-open-mode", max_retries=0)
+
+
+def stored_completion(gateway, completion_id: str):
+    """The completions row a gateway stored under `completion_id` (None if none)."""
+    import contextlib
+
+    with contextlib.closing(gateway.db()) as db:
+        return db.execute("SELECT * FROM completions WHERE id = ?", [completion_id]).fetchone()

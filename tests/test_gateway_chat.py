@@ -4,14 +4,13 @@ fake engine: what a request may ask for, what comes back, and what is stored.
 
 from __future__ import annotations
 
-import contextlib
 import json
 
 import httpx
 import openai
 import pytest
 
-from conftest import wait_for
+from conftest import openai_client, stored_completion, wait_for
 from fake_engine import answer
 
 PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in one sentence."}]
@@ -19,12 +18,7 @@ PROMPT = [{"role": "user", "content": "What is the capital of France? Answer in 
 
 @pytest.fixture
 def client(fake_gateway):
-    return openai.OpenAI(base_url=fake_gateway.url + "/v1", api_key="unused-in-open-mode", max_retries=0)
-
-
-def stored(gateway, completion_id):
-    with contextlib.closing(gateway.db()) as db:
-        return db.execute("SELECT * FROM completions WHERE id = ?", [completion_id]).fetchone()
+    return openai_client(fake_gateway)
 
 
 def test_non_streamed_chat_is_answered_and_stored(fake_gateway, client):
@@ -34,7 +28,7 @@ def test_non_streamed_chat_is_answered_and_stored(fake_gateway, client):
     assert r.model == "base-model" and r.choices[0].finish_reason == "stop"
     assert r.usage.completion_tokens == len(text.split()) and r.usage.prompt_tokens > 0
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
-    row = stored(fake_gateway, r.id)
+    row = stored_completion(fake_gateway, r.id)
     assert row["output"] == text and json.loads(row["messages"]) == PROMPT
     assert (row["model"], row["served_by"], row["user"], row["status"]) == \
         ("loopchat", "base-model", "local", "complete")
@@ -54,7 +48,7 @@ def test_streamed_chat_ends_with_usage_and_is_stored(fake_gateway, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     ids = {c.id for c in chunks}
     assert len(ids) == 1
-    row = stored(fake_gateway, ids.pop())
+    row = stored_completion(fake_gateway, ids.pop())
     assert row["output"] == text and row["status"] == "complete" and row["completion_tokens"] == len(words)
 
 
@@ -70,7 +64,8 @@ def test_store_false_answers_without_recording(fake_gateway, client):
     chunks = list(client.chat.completions.create(model="loopchat", messages=PROMPT, max_tokens=8, store=False,
                                                  stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert stored(fake_gateway, r.id) is None and stored(fake_gateway, chunks[0].id) is None
+    assert stored_completion(fake_gateway, r.id) is None
+    assert stored_completion(fake_gateway, chunks[0].id) is None
     with pytest.raises(openai.NotFoundError):  # nothing to rate
         client.post("/feedback", body={"completion_id": r.id, "rating": 1}, cast_to=object)
 
@@ -87,7 +82,7 @@ def test_n_two_gives_two_choices_and_stores_both(fake_gateway, client, stream):
         assert [c.index for c in r.choices] == [0, 1]
         texts, completion_id = [c.message.content for c in r.choices], r.id
     assert texts == [answer("base-model", PROMPT, 0), answer("base-model", PROMPT, 1)]
-    choices = json.loads(stored(fake_gateway, completion_id)["choices"])
+    choices = json.loads(stored_completion(fake_gateway, completion_id)["choices"])
     assert [(c["index"], c["content"]) for c in choices] == list(enumerate(texts))
 
 
@@ -104,7 +99,7 @@ def test_max_tokens_limits_length(fake_gateway, client, field):
     r = client.chat.completions.create(model="loopchat", messages=PROMPT, **{field: 5})
     assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
     assert r.choices[0].message.content == " ".join(answer("base-model", PROMPT).split()[:5])
-    assert stored(fake_gateway, r.id)["finish_reason"] == "length"
+    assert stored_completion(fake_gateway, r.id)["finish_reason"] == "length"
 
 
 def test_models_list_has_alias_and_base(client):

@@ -4,11 +4,10 @@ n, stop, max_tokens, store, errors, models, metrics — is tests/test_gateway_ch
 
 from __future__ import annotations
 
-import contextlib
 import json
 
-import openai
 import pytest
+from conftest import openai_client, stored_completion
 
 pytestmark = pytest.mark.slow
 
@@ -22,12 +21,7 @@ def gateway(request):
 
 @pytest.fixture
 def client(gateway):
-    return openai.OpenAI(base_url=gateway.url + "/v1", api_key="unused-in-open-mode", max_retries=0)
-
-
-def stored(gateway, completion_id):
-    with contextlib.closing(gateway.db()) as db:
-        return db.execute("SELECT * FROM completions WHERE id = ?", [completion_id]).fetchone()
+    return openai_client(gateway)
 
 
 def test_non_streamed_chat_is_answered_and_stored(gateway, client):
@@ -35,7 +29,7 @@ def test_non_streamed_chat_is_answered_and_stored(gateway, client):
     text = r.choices[0].message.content
     assert "Paris" in text
     assert r.usage.completion_tokens > 0 and r.usage.prompt_tokens > 0
-    row = stored(gateway, r.id)
+    row = stored_completion(gateway, r.id)
     assert row["output"] == text
     assert json.loads(row["messages"]) == PROMPT
     assert row["served_by"] == "SmolLM2-135M-Instruct" and row["model"] == "loopchat"
@@ -55,7 +49,7 @@ def test_streamed_chat_ends_with_usage_and_is_stored(gateway, client):
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
     ids = {c.id for c in chunks}
     assert len(ids) == 1
-    row = stored(gateway, ids.pop())
+    row = stored_completion(gateway, ids.pop())
     assert row["output"] == text and row["status"] == "complete"
 
 
