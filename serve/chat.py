@@ -9,7 +9,7 @@ import asyncio
 import logging
 import time
 from contextlib import suppress
-from typing import AsyncIterator, Awaitable, TypeVar
+from typing import AsyncIterator, Awaitable, Callable, TypeVar
 
 import orjson
 from fastapi import APIRouter, Depends, Request
@@ -196,19 +196,35 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
     except BaseException:
         state.registry.release(name)
         raise
+    rec.add(first)  # the id is known from here on, even if no byte of the stream ever goes out
+
+    closed = stored = False
+
+    async def close() -> None:
+        """Release the version, keep an unfinished answer as incomplete, close the engine stream
+        (which aborts it upstream). Runs once, from whichever of sse() and the response ends first.
+        Under cancellation when the client hangs up: nothing before the last line awaits."""
+        nonlocal closed
+        if closed:
+            return
+        closed = True
+        state.registry.release(name)
+        if not stored and rec.id and rec.store:  # the client went away (or the engine failed): keep it, as incomplete
+            store_later(state, rec.row("incomplete"))
+        await gen.aclose()
 
     async def sse():
-        stored = False
+        nonlocal stored
         try:
             chunk = first
             while True:
-                rec.add(chunk)
                 if chunk.get("choices") or include_usage:
                     yield b"data: " + orjson.dumps(chunk) + b"\n\n"
                 try:
                     chunk = await gen.__anext__()
                 except StopAsyncIteration:
                     break
+                rec.add(chunk)
             # Stored before [DONE], so a client may send feedback on the id as soon as the stream ends.
             stored = True  # by finish() even if the client hangs up while it waits for the write
             await finish(state, rec, "complete")
@@ -216,11 +232,24 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
         except (EngineError, EngineUnavailable) as e:
             err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}}
             yield b"data: " + orjson.dumps(err) + b"\n\n"
-        finally:  # runs under cancellation when the client hangs up: nothing before the last line awaits
-            state.registry.release(name)
-            if not stored and rec.id and rec.store:  # the client went away (or the engine failed): keep it, as incomplete
-                store_later(state, rec.row("incomplete"))
-            await gen.aclose()
+        finally:
+            await close()
 
-    return StreamingResponse(sse(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return ClosingStream(sse(), on_close=close, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+class ClosingStream(StreamingResponse):
+    """A StreamingResponse that runs `on_close` however it ends. When the client hangs up before
+    the first byte goes out, Starlette never starts the body generator, so the generator's own
+    `finally` cannot be the only place that releases what the request holds."""
+
+    def __init__(self, content, *, on_close: Callable[[], Awaitable[None]], **kwargs):
+        super().__init__(content, **kwargs)
+        self.on_close = on_close
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            await self.on_close()
