@@ -11,6 +11,7 @@ This module imports only torch, so `serve`, `train` and `loopchat` may all impor
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -99,4 +100,4 @@ def describe() -> dict:
     auto = choose()
     return {"cpu_model": cpu_model(), "cpu_capability": cpu_capability(), "native_bf16": native_bf16_cpu(),
             "device": auto.device, "auto_dtype": auto.dtype, "torch": torch.__version__,
-            "cores": len(__import__("os").sched_getaffinity(0))}
+            "cores": len(os.sched_getaffinity(0))}

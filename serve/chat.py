@@ -198,16 +198,11 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
         raise
     rec.add(first)  # the id is known from here on, even if no byte of the stream ever goes out
 
-    closed = stored = False
+    stored = False
 
     async def close() -> None:
         """Release the version, keep an unfinished answer as incomplete, close the engine stream
-        (which aborts it upstream). Runs once, from whichever of sse() and the response ends first.
-        Under cancellation when the client hangs up: nothing before the last line awaits."""
-        nonlocal closed
-        if closed:
-            return
-        closed = True
+        (which aborts it upstream). Called once, by the response, however it ended."""
         state.registry.release(name)
         if not stored and rec.id and rec.store:  # the client went away (or the engine failed): keep it, as incomplete
             store_later(state, rec.row("incomplete"))
@@ -232,17 +227,15 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
         except (EngineError, EngineUnavailable) as e:
             err = {"error": {"message": str(e), "type": "server_error", "param": None, "code": "engine_error"}}
             yield b"data: " + orjson.dumps(err) + b"\n\n"
-        finally:
-            await close()
 
     return ClosingStream(sse(), on_close=close, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
 class ClosingStream(StreamingResponse):
-    """A StreamingResponse that runs `on_close` however it ends. When the client hangs up before
-    the first byte goes out, Starlette never starts the body generator, so the generator's own
-    `finally` cannot be the only place that releases what the request holds."""
+    """A StreamingResponse that runs `on_close` however it ends: finished, the client gone mid-stream,
+    or gone before the first byte (then Starlette never starts the body generator, so a `finally`
+    inside the generator would never run)."""
 
     def __init__(self, content, *, on_close: Callable[[], Awaitable[None]], **kwargs):
         super().__init__(content, **kwargs)

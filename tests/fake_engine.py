@@ -47,13 +47,12 @@ class FakeEngine:
         self.loaded: dict[str, str] = {}
         self.running = 0
         self.aborted = 0
-        self.started = False
 
     async def start(self) -> None:
-        self.started = True
+        pass
 
     async def stop(self) -> None:
-        self.started = False
+        pass
 
     async def ready(self) -> bool:
         return self.up

@@ -6,14 +6,13 @@ from __future__ import annotations
 
 import re
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import expect
 
-from conftest import LOOPCHAT, ROOT, free_port
+from conftest import LOOPCHAT, ROOT, free_port, wait_for
 
 pytestmark = pytest.mark.slow
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -171,16 +170,12 @@ def standalone_ui(keyed_gateway, tmp_path):
     proc = subprocess.Popen(LOOPCHAT + ["ui", "--gateway", keyed_gateway.url, "--port", str(port)], cwd=ROOT,
                             stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
-    deadline = time.monotonic() + 60
-    while True:
+
+    def up() -> bool:
         assert proc.poll() is None, (tmp_path / "ui.log").read_text()
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        assert time.monotonic() < deadline, "loopchat ui did not start"
-        time.sleep(0.5)
+        return httpx.get(url, timeout=2).status_code == 200
+
+    wait_for(up, 60, "loopchat ui to start", interval=0.5)
     yield url
     proc.terminate()
     proc.wait(30)

@@ -116,6 +116,10 @@ class RunLog:
         self.bar = tqdm(total=total, desc=desc, unit="step", file=sys.stderr, disable=quiet, dynamic_ncols=True)
         self.start = time.monotonic()
 
+    def replan(self, total: int) -> None:
+        """A time budget has planned the run's length (train.budget): the bar's total and ETA follow it."""
+        self.bar.total = total
+
     def step(self, step: int, **metrics) -> None:
         row = {"step": step, "time_s": round(time.monotonic() - self.start, 3), **metrics}
         self.file.write(json.dumps(row) + "\n")

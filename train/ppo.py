@@ -343,7 +343,8 @@ def train_ppo(
         seconds = time.monotonic() - started
         stats.update(seconds=round(seconds, 3), samples_per_s=round(cfg.batch_size / seconds, 3))
         history.append(stats)
-        total = log.bar.total = pace.step_done(step)  # planned: the progress bar follows
+        total = pace.step_done(step)
+        log.replan(total)
         log.step(step, **stats)
     log.close()
 

@@ -159,7 +159,8 @@ def train_reward_model(
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             step += 1
-            total = log.bar.total = pace.step_done(step)  # planned: the schedule and the progress bar follow
+            total = pace.step_done(step)
+            log.replan(total)
             sched.step()
             log.step(step, loss=loss.item(), accuracy=(r_c > r_r).float().mean().item(), margin=(r_c - r_r).mean().item())
             if step >= total:

@@ -143,7 +143,8 @@ def train_sft(
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
             opt.step()
             step += 1
-            total = log.bar.total = pace.step_done(step)  # planned: the schedule and the progress bar follow
+            total = pace.step_done(step)
+            log.replan(total)
             sched.step()
             tokens = int((labels != -100).sum())
             log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens)
