@@ -168,11 +168,50 @@ def v4_cycle_budget(db: sqlite_utils.Database) -> None:
     db["cycles"].add_column("budget_s", float)
 
 
+def v5_rankings(db: sqlite_utils.Database) -> None:
+    """Comparisons of K answers (2 to 4) and rankings of them.
+
+    `candidates` lists every answer of a comparison in the order shown (`label` a, b, c, d) and
+    where it came from (`origin`: serving, previous, base, canary, or a model the client named);
+    `comparisons.a_id`/`b_id` stay the first two, for readers of version 2. A vote's `ranking` is
+    the full order as JSON groups of labels, best first, ties sharing a group; `choice` stays the
+    one-word verdict. Existing comparisons get their two candidates copied in. A cycle records the
+    recipe it ran (NULL: the default)."""
+    db["candidates"].create(
+        {"comparison_id": str, "position": int, "label": str, "completion_id": str, "origin": str},
+        pk=("comparison_id", "position"),
+        foreign_keys=[("comparison_id", "comparisons", "id"), ("completion_id", "completions", "id")],
+        not_null={"label", "completion_id"},
+    )
+    db["candidates"].create_index(["completion_id"])
+    db.execute("INSERT INTO candidates (comparison_id, position, label, completion_id) "
+               "SELECT id, 0, 'a', a_id FROM comparisons UNION ALL SELECT id, 1, 'b', b_id FROM comparisons")
+    db["votes"].add_column("ranking", str)
+    db["cycles"].add_column("recipe", str)
+
+
+def v6_canaries(db: sqlite_utils.Database) -> None:
+    """Canary rollouts: a published version serving `share` of users (sticky per user) beside the
+    serving one (`baseline`, NULL = the base model) until live evidence or an operator ends it.
+    At most one runs at a time (`ended_at` NULL). Every gateway follows this table and the
+    promotions history, so all of them route alike."""
+    db["canaries"].create(
+        {"id": int, "version": str, "baseline": str, "share": float, "started_at": float, "updated_at": float,
+         "by_user": str, "ended_at": float, "outcome": str, "ended_by": str, "rule": str, "evidence": str},
+        pk="id",
+        foreign_keys=[("version", "adapters", "version")],
+        not_null={"version", "share", "started_at", "updated_at"},
+    )
+    db.execute("CREATE UNIQUE INDEX one_running_canary ON canaries ((1)) WHERE ended_at IS NULL")
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     v1_completions_and_keys,
     v2_feedback,
     v3_cycles_and_adapters,
     v4_cycle_budget,
+    v5_rankings,
+    v6_canaries,
 ]
 
 

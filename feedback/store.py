@@ -156,6 +156,8 @@ class Store:
         with self.transaction() as db:
             db["comparisons"].insert({"id": comparison_id, "user": user, "a_id": a_id, "b_id": b_id,
                                       "created_at": time.time()})
+            db["candidates"].insert_all([{"comparison_id": comparison_id, "position": i, "label": label,
+                                          "completion_id": cid} for i, (label, cid) in enumerate(zip("ab", (a_id, b_id)))])
         return comparison_id
 
     def get_comparison(self, comparison_id: str, user: str) -> dict:
@@ -192,10 +194,12 @@ class Store:
         """Remove a user with their keys, completions and every piece of feedback on or by them,
         in one transaction; returns how many rows went from each table."""
         mine = "SELECT id FROM completions WHERE user = :u"
-        comparisons = f"SELECT id FROM comparisons WHERE user = :u OR a_id IN ({mine}) OR b_id IN ({mine})"
+        comparisons = (f"SELECT id FROM comparisons WHERE user = :u OR id IN "
+                       f"(SELECT comparison_id FROM candidates WHERE completion_id IN ({mine}))")
         feedback = f"SELECT id FROM feedback WHERE user = :u OR completion_id IN ({mine})"
         steps = [
             ("votes", f"DELETE FROM votes WHERE comparison_id IN ({comparisons})"),
+            ("candidates", f"DELETE FROM candidates WHERE comparison_id IN ({comparisons})"),
             ("comparisons", f"DELETE FROM comparisons WHERE id IN ({comparisons})"),
             ("corrections",
              f"DELETE FROM corrections WHERE feedback_id IN ({feedback}) OR completion_id IN ({mine})"),

@@ -43,6 +43,11 @@ class Registry:
         raise APIError(404, f"The model `{model}` does not exist or is not loaded.", param="model",
                        code="model_not_found")
 
+    def comparison_models(self, user: str, n: int) -> list[tuple[str, str]]:
+        """(engine model name, origin) for each of the `n` candidates of a comparison asked for
+        with the `loopchat` alias; origin says where it came from (serving, previous, base, canary)."""
+        return [(self.resolve(ALIAS), "serving")] * n
+
     def acquire(self, name: str) -> None:
         self.inflight[name] += 1
 

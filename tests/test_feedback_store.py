@@ -136,7 +136,7 @@ def test_delete_user_removes_everything_of_theirs_and_nothing_else(store):
     bob_before = {t: n // 2 for t, n in counts(store).items()}
 
     gone = store.delete_user("alice")
-    assert gone == {"votes": 1, "comparisons": 1, "corrections": 1, "feedback": 2, "completions": 2,
+    assert gone == {"votes": 1, "candidates": 2, "comparisons": 1, "corrections": 1, "feedback": 2, "completions": 2,
                     "api_keys": 1, "users": 1}
     assert counts(store) == bob_before
     assert not store.has_user("alice") and store.has_user("bob")
