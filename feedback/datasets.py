@@ -1,18 +1,21 @@
 """Training sets from the store, in TRL's conversational formats; used by `loopchat export` and the trainer.
 
-- pairs     {"prompt", "chosen", "rejected"}  (reward model, DPO) from comparison votes (a | b),
-            a liked and a disliked answer to the same conversation, and a correction over the
-            answer it corrects;
+- pairs     {"prompt", "chosen", "rejected"}  (reward model, DPO) from comparison votes (every two
+            answers a ranking puts in different groups: C(K, 2) minus the ties), a liked and a
+            disliked answer to the same conversation, and a correction over the answer it corrects;
 - unpaired  {"prompt", "completion", "label"}  (KTO) from thumbs;
-- sft       {"messages"}                        from corrections, liked answers and the preferred answer
-            of each decided comparison (what users chose is the behaviour to imitate: with
-            answers sampled from the serving policy this is best-of-two distillation, and
+- sft       {"messages"}                        from corrections, liked answers and the answer ranked
+            above all others in each comparison (what users chose is the behaviour to imitate: with
+            answers sampled from the serving policy this is best-of-K distillation, and
             it carries any preference the users have, not only the ones a reward model ranks).
 
 Every record also carries `source` and `meta` ({"conversation", "ids", "created_at"}: the
 feedback rows behind it, as "table:id", and the newest one's time), which TRL ignores and the
-trainer keeps as its data snapshot. Identical records collapse into one whose `ids` lists them
-all. The held-out split is decided by a hash of the conversation alone, so a conversation never
+trainer keeps as its data snapshot. A pair from a vote also has `group` in its meta (the
+comparison id: the pairs of one ranking, which a reward model trains together) and `rank_gap`
+(how many ranking groups apart its answers are); other pairs have neither (each is a group of
+one, one rank apart). Identical records collapse into one whose `ids` lists them all (its group
+and gap are the first one's). The held-out split is decided by a hash of the conversation alone, so a conversation never
 lands in both splits and a later export keeps every earlier record in its split.
 """
 
@@ -22,8 +25,10 @@ import hashlib
 import json
 from collections import defaultdict
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Callable
 
+from feedback import rankings
 from feedback.store import Store
 
 HELDOUT_PERCENT = 10
@@ -90,19 +95,40 @@ def _corrections(store: Store) -> list[tuple[_Answer, str]]:
     return out
 
 
-def _decided_votes(store: Store) -> list[tuple[_Answer, str]]:
-    """The winning answer of each a|b vote with the losing one's text (tie and both_bad decide nothing)."""
-    rows = store.rows("""SELECT v.comparison_id, v.choice, v.created_at, a.messages, a.conversation,
-                                a.output AS a_text, b.output AS b_text
+@dataclass(frozen=True)
+class _RankedVote:
+    """A vote's ranking with each candidate's answer; every ranked pair is (better, worse, gap)."""
+
+    comparison_id: str
+    answers: dict[str, _Answer]  # by label
+    ranking: list[list[str]]
+
+    def pairs(self) -> list[tuple[_Answer, _Answer, int]]:
+        return [(self.answers[b], self.answers[w], gap) for b, w, gap in rankings.pairs(self.ranking)]
+
+    def best(self) -> _Answer | None:
+        label = rankings.best(self.ranking)
+        return None if label is None else self.answers[label]
+
+
+def _ranked_votes(store: Store) -> list[_RankedVote]:
+    """Every vote as a ranking of its candidates' answers (a two-answer vote from before rankings were
+    stored is read from its choice); votes on conversations we cannot train on are left out."""
+    rows = store.rows("""SELECT v.comparison_id, v.choice, v.ranking, v.created_at, k.label, c.messages,
+                                c.conversation, c.output
                          FROM votes v JOIN comparisons p ON p.id = v.comparison_id
-                         JOIN completions a ON a.id = p.a_id JOIN completions b ON b.id = p.b_id
-                         WHERE v.choice IN ('a', 'b') ORDER BY p.created_at, p.id""")
+                         JOIN candidates k ON k.comparison_id = p.id JOIN completions c ON c.id = k.completion_id
+                         ORDER BY p.created_at, p.id, k.position""")
     out = []
-    for r in rows:
-        win, lose = (r["a_text"], r["b_text"]) if r["choice"] == "a" else (r["b_text"], r["a_text"])
-        answer = _answer(f"votes:{r['comparison_id']}", r, win)
-        if answer:
-            out.append((answer, lose))
+    for comparison_id, group in groupby(rows, key=lambda r: r["comparison_id"]):
+        group = list(group)
+        first = group[0]
+        ref = f"votes:{comparison_id}"
+        answers = {r["label"]: _answer(ref, r, r["output"] or "") for r in group}
+        if None in answers.values():
+            continue
+        ranking = rankings.stored(list(answers), first["choice"], first["ranking"])
+        out.append(_RankedVote(comparison_id, answers, ranking))
     return out
 
 
@@ -112,17 +138,18 @@ class _Records:
     def __init__(self) -> None:
         self._by_key: dict[tuple, dict] = {}
 
-    def add(self, key: tuple, record: dict, source: str, *answers: _Answer) -> None:
+    def add(self, key: tuple, record: dict, source: str, *answers: _Answer, meta: dict | None = None) -> None:
+        """`meta`: more fields for a new record's meta; a duplicate keeps the first record's."""
         refs = [a.ref for a in answers]
         newest = max(a.created_at for a in answers)
         kept = self._by_key.get(key)
         if kept is None:
             self._by_key[key] = {**record, "source": source,
-                                 "meta": {"conversation": answers[0].conversation, "ids": refs, "created_at": newest}}
+                                 "meta": {"conversation": answers[0].conversation, "ids": refs, "created_at": newest,
+                                          **(meta or {})}}
             return
-        meta = kept["meta"]
-        meta["ids"] += [r for r in refs if r not in meta["ids"]]
-        meta["created_at"] = max(meta["created_at"], newest)
+        kept["meta"]["ids"] += [r for r in refs if r not in kept["meta"]["ids"]]
+        kept["meta"]["created_at"] = max(kept["meta"]["created_at"], newest)
 
     def select(self, split: str, since: float | None) -> list[dict]:
         if split not in SPLITS:
@@ -135,14 +162,15 @@ class _Records:
 def _pairs(store: Store) -> _Records:
     out = _Records()
 
-    def add(source: str, chosen: _Answer, rejected_text: str, *answers: _Answer) -> None:
+    def add(source: str, chosen: _Answer, rejected_text: str, *answers: _Answer, meta: dict | None = None) -> None:
         if chosen.text.strip() != rejected_text.strip():
             out.add((chosen.conversation, chosen.text, rejected_text),
                     {"prompt": chosen.prompt, "chosen": _assistant(chosen.text), "rejected": _assistant(rejected_text)},
-                    source, *answers)
+                    source, *answers, meta=meta)
 
-    for winner, loser_text in _decided_votes(store):
-        add("comparison", winner, loser_text, winner)
+    for vote in _ranked_votes(store):
+        for better, worse, gap in vote.pairs():
+            add("comparison", better, worse.text, better, meta={"group": vote.comparison_id, "rank_gap": gap})
     by_conversation: dict[str, tuple[list[_Answer], list[_Answer]]] = defaultdict(lambda: ([], []))
     for answer, liked in _thumbs(store):
         by_conversation[answer.conversation][0 if liked else 1].append(answer)
@@ -167,7 +195,7 @@ def _sft(store: Store) -> _Records:
     out = _Records()
     demonstrations = [(c, "correction") for c, _ in _corrections(store)]
     demonstrations += [(a, "thumbs") for a, liked in _thumbs(store) if liked]
-    demonstrations += [(winner, "comparison") for winner, _ in _decided_votes(store)]
+    demonstrations += [(vote.best(), "comparison") for vote in _ranked_votes(store) if vote.best()]
     for answer, source in demonstrations:
         if answer.text.strip():
             out.add((answer.conversation, answer.text), {"messages": answer.prompt + _assistant(answer.text)},

@@ -17,12 +17,12 @@ from typing import Any, Iterable
 
 import sqlite_utils
 
+from feedback import rankings
 from feedback.errors import Invalid, NotFound, NotYours
 from feedback.migrations import migrate
 
 BUSY_TIMEOUT_MS = 10_000
 KEY_PREFIX = "lc-"
-VOTE_CHOICES = ("a", "b", "tie", "both_bad")
 
 _FEEDBACK_SELECT = """
     SELECT f.id, f.completion_id, f.choice_index, f.rating, f.reason, f.comment, k.content AS correction,
@@ -150,43 +150,52 @@ class Store:
                          [user, limit])
 
     # ---- comparisons and votes ------------------------------------------------------
-    def create_comparison(self, user: str, a_id: str, b_id: str) -> str:
-        """Store a comparison of two stored completions, in the order they are shown; returns its id."""
+    def create_comparison(self, user: str, *completion_ids: str, origins: list[str | None] | None = None) -> str:
+        """Store a comparison of 2 to 4 stored completions, labelled a, b, ... in the order they are
+        shown, with where each came from (`origins`: serving, previous, base, canary or a model the
+        client named; None: not known); returns its id."""
+        labels = rankings.labels_for(len(completion_ids))
+        origins = origins or [None] * len(completion_ids)
+        if len(origins) != len(completion_ids):
+            raise ValueError("one origin per candidate")
         comparison_id = "cmp-" + secrets.token_hex(12)
         with self.transaction() as db:
-            db["comparisons"].insert({"id": comparison_id, "user": user, "a_id": a_id, "b_id": b_id,
-                                      "created_at": time.time()})
-            db["candidates"].insert_all([{"comparison_id": comparison_id, "position": i, "label": label,
-                                          "completion_id": cid} for i, (label, cid) in enumerate(zip("ab", (a_id, b_id)))])
+            db["comparisons"].insert({"id": comparison_id, "user": user, "a_id": completion_ids[0],
+                                      "b_id": completion_ids[1], "created_at": time.time()})
+            db["candidates"].insert_all([
+                {"comparison_id": comparison_id, "position": i, "label": label, "completion_id": cid, "origin": origin}
+                for i, (label, cid, origin) in enumerate(zip(labels, completion_ids, origins))])
         return comparison_id
 
     def get_comparison(self, comparison_id: str, user: str) -> dict:
-        """The comparison with its candidates (id, content, model that wrote it) and the vote
-        (`choice`, None before one). Raises NotFound, or NotYours unless `user` created it."""
-        rows = self.rows(
-            """SELECT p.id, p.user, p.created_at, v.choice,
-                      a.id AS a_id, a.output AS a_content, a.served_by AS a_model,
-                      b.id AS b_id, b.output AS b_content, b.served_by AS b_model
-               FROM comparisons p JOIN completions a ON a.id = p.a_id JOIN completions b ON b.id = p.b_id
-               LEFT JOIN votes v ON v.comparison_id = p.id
-               WHERE p.id = ?""", [comparison_id])
-        if not rows:
+        """The comparison with its candidates in the order shown (label, id, content, the model that
+        wrote it, origin) and the vote (`choice` and `ranking`, None before one). Raises NotFound, or
+        NotYours unless `user` created it."""
+        found = self.rows("""SELECT p.id, p.user, p.created_at, v.choice, v.ranking FROM comparisons p
+                             LEFT JOIN votes v ON v.comparison_id = p.id WHERE p.id = ?""", [comparison_id])
+        if not found:
             raise NotFound(f"No comparison with id '{comparison_id}'.")
-        row = rows[0]
+        row = found[0]
         if row["user"] != user:
             raise NotYours(f"Comparison '{comparison_id}' was created by another user.")
-        return {"id": row["id"], "created_at": row["created_at"], "choice": row["choice"],
-                "candidates": [{"id": row[f"{x}_id"], "content": row[f"{x}_content"], "model": row[f"{x}_model"]}
-                               for x in ("a", "b")]}
+        candidates = self.rows("""SELECT k.label, c.id, c.output AS content, c.served_by AS model, k.origin
+                                  FROM candidates k JOIN completions c ON c.id = k.completion_id
+                                  WHERE k.comparison_id = ? ORDER BY k.position""", [comparison_id])
+        ranking = None if row["choice"] is None else \
+            rankings.stored([c["label"] for c in candidates], row["choice"], row["ranking"])
+        return {"id": row["id"], "created_at": row["created_at"], "choice": row["choice"], "ranking": ranking,
+                "candidates": candidates}
 
-    def vote(self, user: str, comparison_id: str, choice: str) -> dict:
-        """Record (or replace) the creator's vote; returns the comparison as get_comparison does."""
-        if choice not in VOTE_CHOICES:
-            raise Invalid(f"choice must be one of {', '.join(VOTE_CHOICES)}", "choice")
+    def vote(self, user: str, comparison_id: str, choice: str | None = None, *, ranking: object = None) -> dict:
+        """Record (or replace) the creator's vote: a `choice` (a label, tie, both_bad or all_bad) or a
+        full `ranking` (see feedback.rankings); returns the comparison as get_comparison does.
+        Raises Invalid, NotFound or NotYours; writes nothing then."""
+        rankings.check_form(choice, ranking)
         with self.transaction() as db:
-            self.get_comparison(comparison_id, user)
-            db["votes"].upsert({"comparison_id": comparison_id, "choice": choice, "created_at": time.time()},
-                               pk="comparison_id")
+            labels = [c["label"] for c in self.get_comparison(comparison_id, user)["candidates"]]
+            word, groups = rankings.normalise(labels, choice, ranking)
+            db["votes"].upsert({"comparison_id": comparison_id, "choice": word, "ranking": json.dumps(groups),
+                                "created_at": time.time()}, pk="comparison_id")
             return self.get_comparison(comparison_id, user)
 
     # ---- privacy ----------------------------------------------------------------------
@@ -194,8 +203,7 @@ class Store:
         """Remove a user with their keys, completions and every piece of feedback on or by them,
         in one transaction; returns how many rows went from each table."""
         mine = "SELECT id FROM completions WHERE user = :u"
-        comparisons = (f"SELECT id FROM comparisons WHERE user = :u OR id IN "
-                       f"(SELECT comparison_id FROM candidates WHERE completion_id IN ({mine}))")
+        comparisons = "SELECT value FROM json_each(:comparisons)"  # read before their candidates go
         feedback = f"SELECT id FROM feedback WHERE user = :u OR completion_id IN ({mine})"
         steps = [
             ("votes", f"DELETE FROM votes WHERE comparison_id IN ({comparisons})"),
@@ -209,7 +217,11 @@ class Store:
             ("users", "DELETE FROM users WHERE name = :u"),
         ]
         with self.transaction() as db:
-            return {table: db.execute(sql, {"u": name}).rowcount for table, sql in steps}
+            ids = [r[0] for r in db.execute(
+                f"SELECT id FROM comparisons WHERE user = :u OR id IN "
+                f"(SELECT comparison_id FROM candidates WHERE completion_id IN ({mine}))", {"u": name})]
+            params = {"u": name, "comparisons": json.dumps(ids)}
+            return {table: db.execute(sql, params).rowcount for table, sql in steps}
 
     def has_user(self, name: str) -> bool:
         return bool(self.rows("SELECT 1 FROM users WHERE name = ?", [name]))

@@ -125,7 +125,8 @@ def test_comparison_is_blind_until_its_creator_votes(gw):
     assert r.status_code == 200, r.text
     cmp = r.json()
     assert cmp["id"].startswith("cmp-") and cmp["object"] == "comparison"
-    assert [set(c) for c in cmp["candidates"]] == [{"id", "content"}] * 2
+    assert [set(c) for c in cmp["candidates"]] == [{"label", "id", "content"}] * 2
+    assert [c["label"] for c in cmp["candidates"]] == ["a", "b"]
     assert cmp["candidates"][0]["id"] != cmp["candidates"][1]["id"]
     after = counts(gw)
     assert (after["completions"], after["comparisons"]) == (before["completions"] + 2, before["comparisons"] + 1)
@@ -136,18 +137,19 @@ def test_comparison_is_blind_until_its_creator_votes(gw):
 
     url = f"{gw.url}/v1/comparisons/{cmp['id']}"
     shown = httpx.get(url, headers=alice).json()
-    assert shown["choice"] is None and shown["candidates"] == cmp["candidates"]
+    assert shown["choice"] is None and shown["ranking"] is None and shown["candidates"] == cmp["candidates"]
     assert_error(httpx.get(url, headers=bob), 403)
     assert_error(httpx.post(url + "/vote", json={"choice": "a"}, headers=bob), 403)
     assert counts(gw)["votes"] == before["votes"]
 
     r = httpx.post(url + "/vote", json={"choice": "a"}, headers=alice)
     assert r.status_code == 200, r.text
-    assert r.json()["choice"] == "a" and r.json()["id"] == cmp["id"]
+    assert r.json()["choice"] == "a" and r.json()["id"] == cmp["id"] and r.json()["ranking"] == [["a"], ["b"]]
     revealed = r.json()["candidates"]
     assert [c["id"] for c in revealed] == [c["id"] for c in cmp["candidates"]]
     assert [c["content"] for c in revealed] == [c["content"] for c in cmp["candidates"]]
     assert {c["model"] for c in revealed} == {f"policy-{version}", "base-model"}
+    assert {c["origin"] for c in revealed} == {"loopchat", "base-model"}  # the models the client named
     for c in revealed:  # the reveal names the model that really wrote each candidate
         assert c["content"] == answer(c["model"], CHAT["messages"])
     r = httpx.post(url + "/vote", json={"choice": "both_bad"}, headers=alice)
@@ -161,9 +163,11 @@ def test_comparison_is_blind_until_its_creator_votes(gw):
 BAD_COMPARISONS = [
     ("unknown model", {**CHAT, "models": ["loopchat", "gpt-17"]}, 404, "model"),
     ("one model", {**CHAT, "models": ["loopchat"]}, 400, "models"),
-    ("three models", {**CHAT, "models": ["loopchat"] * 3}, 400, "models"),
+    ("five models", {**CHAT, "models": ["loopchat"] * 5}, 400, "models"),
+    ("models other than n", {**CHAT, "n": 3, "models": ["loopchat"] * 2}, 400, "models"),
+    ("one candidate", {**CHAT, "n": 1}, 400, "n"),
+    ("five candidates", {**CHAT, "n": 5}, 400, "n"),
     ("streamed", {**CHAT, "stream": True}, 400, None),
-    ("two choices", {**CHAT, "n": 2}, 400, None),
     ("not stored", {**CHAT, "store": False}, 400, None),
     ("no messages", {"model": "loopchat", "messages": []}, 400, "messages"),
 ]
@@ -179,7 +183,7 @@ def test_bad_comparison_is_refused_and_writes_nothing(gw, name, body, status, pa
 
 @pytest.mark.parametrize("path,body,status", [
     ("/v1/comparisons/cmp-nope/vote", {"choice": "a"}, 404),
-    ("/v1/comparisons/cmp-nope/vote", {"choice": "c"}, 400),
+    ("/v1/comparisons/cmp-nope/vote", {"choice": "e"}, 400),
     ("/v1/comparisons/cmp-nope/vote", {}, 400),
     ("/v1/comparisons/cmp-nope", None, 404),
 ])

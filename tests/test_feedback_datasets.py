@@ -55,6 +55,9 @@ def test_pairs_come_from_votes_thumbs_and_corrections(filled):
     vote, thumbs, correction = (p["meta"] for p in pairs)
     assert vote["ids"][0].startswith("votes:cmp-") and len(vote["ids"]) == 1
     assert thumbs["ids"] == ["feedback:1", "feedback:2"] and correction["ids"] == ["corrections:1"]
+    # A vote's pairs are grouped by their comparison; other pairs are groups of one.
+    assert (vote["group"], vote["rank_gap"]) == (vote["ids"][0].removeprefix("votes:"), 1)
+    assert not {"group", "rank_gap"} & (set(thumbs) | set(correction))
     assert {m["conversation"] for m in (vote, thumbs, correction)} == {
         filled.get_completion(c)["conversation"] for c in ("a", "up", "wrong")}
 

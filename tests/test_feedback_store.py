@@ -106,11 +106,13 @@ def test_comparisons_belong_to_their_creator_and_keep_one_vote(store):
     cid = store.create_comparison("alice", "a1", "b1")
     assert cid.startswith("cmp-")
     shown = store.get_comparison(cid, "alice")
-    assert shown["choice"] is None
-    assert shown["candidates"] == [{"id": "a1", "content": "one", "model": "base"},
-                                   {"id": "b1", "content": "two", "model": "policy-v1"}]
-    assert store.vote("alice", cid, "a")["choice"] == "a"
-    assert store.vote("alice", cid, "both_bad")["choice"] == "both_bad"
+    assert shown["choice"] is None and shown["ranking"] is None
+    assert shown["candidates"] == [{"label": "a", "id": "a1", "content": "one", "model": "base", "origin": None},
+                                   {"label": "b", "id": "b1", "content": "two", "model": "policy-v1", "origin": None}]
+    voted = store.vote("alice", cid, "a")
+    assert (voted["choice"], voted["ranking"]) == ("a", [["a"], ["b"]])
+    voted = store.vote("alice", cid, "both_bad")
+    assert (voted["choice"], voted["ranking"]) == ("both_bad", [["a", "b"]])
     assert store.count("votes") == 1
     for call, error in [(lambda: store.vote("bob", cid, "b"), NotYours),
                         (lambda: store.vote("alice", "cmp-nope", "b"), NotFound),

@@ -13,7 +13,8 @@ from loopchat.options import open_store, settings_options
 
 @click.command()
 @click.option("--kind", type=click.Choice(["pairs", "unpaired", "sft"]), required=True,
-              help="pairs: prompt/chosen/rejected; unpaired: prompt/completion/label; sft: messages.")
+              help="pairs: prompt/chosen/rejected (a ranking of K answers gives every two it orders, with "
+                   "meta.group and meta.rank_gap); unpaired: prompt/completion/label; sft: messages.")
 @click.option("--split", type=click.Choice(["train", "heldout", "all"]), default="all", show_default=True,
               help="The held-out split is fixed per conversation, so it is the same in every export.")
 @click.option("--since", type=float, default=None, help="Only records with feedback newer than this Unix time.")
