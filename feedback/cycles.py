@@ -19,17 +19,22 @@ OUTCOMES = ("promoted", "rejected", "failed", "cancelled")
 # `published` ends a cycle that has no gateway to promote through; with one, it is momentary.
 TERMINAL = OUTCOMES + ("published",)
 FIGURES = ("n_sft", "n_pairs", "n_prompts", "budget_s", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error")
+# The recipes train/recipes implements (the first is the default): what a cycle's `recipe` may name,
+# here so that the admin API validates a request without importing the trainer.
+RECIPES = ("rlhf", "sft")
 
 
 def this_worker() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def queue_cycle(store: Store, trigger: str = "manual", *, claim: bool = False) -> int | None:
+def queue_cycle(store: Store, trigger: str = "manual", *, claim: bool = False, recipe: str | None = None) -> int | None:
     """A new queued cycle's id, or None when one is already active. `claim`: it starts at once,
-    claimed by this process (as `claim()` does), so no worker's poll can take it first."""
+    claimed by this process (as `claim()` does), so no worker's poll can take it first. `recipe`:
+    one of RECIPES for it to run (None: the worker's)."""
+    assert recipe is None or recipe in RECIPES, recipe
     now = time.time()
-    row = {"state": "queued", "trigger": trigger, "created_at": now, "steps": "{}"}
+    row = {"state": "queued", "trigger": trigger, "created_at": now, "steps": "{}", "recipe": recipe}
     if claim:
         row.update(state="building_data", started_at=now, worker=this_worker(), heartbeat_at=now)
     try:
@@ -84,6 +89,12 @@ def advance(store: Store, cycle_id: int, state: str, step_figures: dict | None =
             update["finished_at"] = time.time()
             update["duration_s"] = time.time() - (row["started_at"] or row["created_at"])
         db["cycles"].update(cycle_id, update)
+
+
+def record_recipe(store: Store, cycle_id: int, recipe: str) -> None:
+    """The recipe a cycle runs, once it starts: the one it was queued with, else its worker's."""
+    assert recipe in RECIPES, recipe
+    store.db.execute("UPDATE cycles SET recipe = ? WHERE id = ?", [recipe, cycle_id])
 
 
 def heartbeat(store: Store, cycle_id: int) -> bool:
@@ -157,6 +168,11 @@ def _decode(row: dict) -> dict:
 
 
 # ---- adapters and promotions -------------------------------------------------------------
+def engine_name(version: str) -> str:
+    """The name an adapter version serves under in the engine, and so in `completions.served_by`."""
+    return f"policy-{version}"
+
+
 def record_adapter(store: Store, version: str, path: str, manifest: dict, cycle_id: int | None = None) -> None:
     store.db["adapters"].upsert({"version": version, "path": path, "parent": manifest.get("parent_version"),
                                  "created_at": time.time(), "cycle_id": cycle_id,

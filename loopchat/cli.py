@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from loopchat import __version__
+from loopchat.commands.canary import canary
 from loopchat.commands.feedback import export, feedback, users
 from loopchat.commands.keys import keys
 from loopchat.commands.loop import cycle, worker
@@ -21,7 +22,7 @@ def cli():
     """loopchat: a chat service that gets better from its own users."""
 
 
-for command in (up, serve, worker, cycle, train, eval_command, model, keys, export, feedback, users, ui, simulate):
+for command in (up, serve, worker, cycle, canary, train, eval_command, model, keys, export, feedback, users, ui, simulate):
     cli.add_command(command)
 
 

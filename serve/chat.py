@@ -1,5 +1,8 @@
 """POST /v1/chat/completions: resolve the model, stream from the engine, store the completion.
 
+The `loopchat` alias resolves per user (a running canary answers its share of users, sticky), and
+the stored row names the version that answered (`served_by`).
+
 Every answer is generated as a stream internally, so there is one path for timing,
 token counts and storage; a non-streamed request is assembled from the same chunks."""
 
@@ -107,7 +110,7 @@ async def generate(state, req: ChatCompletionRequest, user: User, source: str = 
 
     Cancelled midway (its client hung up) or failed, it closes the engine stream, which aborts
     the request upstream, and stores what came until then as incomplete."""
-    name = state.registry.resolve(req.model)
+    name = state.registry.resolve(req.model, user.name)
     rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
                    sampling=req.sampling(), source=source, store=req.store)
     with state.registry.track(name):
@@ -186,7 +189,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, user: U
     if not req.stream:
         return JSONResponse((await cancel_on_disconnect(request, generate(state, req, user))).response())
 
-    name = state.registry.resolve(req.model)
+    name = state.registry.resolve(req.model, user.name)
     rec = Recorder(user=user.name, model=req.model, served_by=name, messages=req.plain_messages(),
                    sampling=req.sampling(), store=req.store)
     include_usage = bool(req.stream_options and req.stream_options.include_usage)

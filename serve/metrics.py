@@ -8,6 +8,8 @@ import time
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from feedback.canary import STATES
+
 LATENCY_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
@@ -50,6 +52,17 @@ class Metrics:
         self.engine = Info("loopchat_engine", "The engine and how it computes (dtype, device, why)", registry=r)
         self.last_promotion = Gauge("loopchat_last_promotion_timestamp_seconds", "When the alias last moved",
                                     registry=r)
+        self.canary_version = Gauge("loopchat_canary_version", "Adapter version on canary (0 = none)", registry=r)
+        self.canary_share = Gauge("loopchat_canary_share", "Share of users the canary answers (0 = no canary)",
+                                  registry=r)
+        self.canary_decision = Gauge("loopchat_canary_decision", "What the running canary's rule says now: 1 for "
+                                     "its state (waiting, promote, rollback), 0 for the others; all 0 without a "
+                                     "canary", ["state"], registry=r)
+        self.set_decision(None)
+
+    def set_decision(self, state: str | None) -> None:
+        for name in STATES:
+            self.canary_decision.labels(name).set(int(name == state))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

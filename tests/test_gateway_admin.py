@@ -11,7 +11,9 @@ from feedback import cycles
 
 ADMIN_ROUTES = [("GET", "/admin/adapters"), ("POST", "/admin/adapters/v1/promote"), ("POST", "/admin/rollback"),
                 ("GET", "/admin/cycles"), ("POST", "/admin/cycles"), ("GET", "/admin/cycles/1"),
-                ("POST", "/admin/cycles/1/cancel"), ("GET", "/admin/feedback/stats")]
+                ("POST", "/admin/cycles/1/cancel"), ("GET", "/admin/feedback/stats"),
+                ("POST", "/admin/adapters/v1/canary"), ("GET", "/admin/canary"), ("PATCH", "/admin/canary"),
+                ("GET", "/admin/canary/1"), ("POST", "/admin/canary/promote"), ("POST", "/admin/canary/rollback")]
 
 
 @pytest.mark.parametrize("method,path", ADMIN_ROUTES, ids=[f"{m} {p}" for m, p in ADMIN_ROUTES])
@@ -20,6 +22,7 @@ def test_admin_api_needs_an_admin_key(fake_keyed_gateway, method, path):
     assert_error(httpx.request(method, gw.url + path), 401, code="missing_api_key")
     assert_error(httpx.request(method, gw.url + path, headers=gw.headers("alice")), 403, code="admin_required")
     assert cycles.list_cycles(gw.store) == [] and cycles.promotions(gw.store) == []  # nothing happened
+    assert gw.store.count("canaries") == 0
 
 
 def test_an_admin_key_may_call_it(fake_keyed_gateway):
@@ -70,17 +73,18 @@ def test_rollback_walks_back_to_the_base_model_then_refuses(fake_gateway):
 
 def test_adapters_list_each_versions_state(fake_gateway):
     gw = fake_gateway
-    v1, v2, v3 = gw.publish_adapter(), gw.publish_adapter(), gw.publish_adapter()
-    for version in (v1, v2):
+    v1, v2, v3, v4, v5 = (gw.publish_adapter() for _ in range(5))
+    for version in (v1, v2, v3):
         assert httpx.post(f"{gw.url}/admin/adapters/{version}/promote").status_code == 200
+    assert httpx.post(f"{gw.url}/admin/adapters/{v4}/canary", json={"share": 0.2}).status_code == 201
 
     def states() -> dict:
         return {a["version"]: a["state"] for a in httpx.get(gw.url + "/admin/adapters").json()["data"]}
 
-    wait_for(lambda: states()[v1] == "published", 30, f"{v1} to be unloaded after the promotion of {v2}")
+    wait_for(lambda: states()[v1] == "published", 30, f"{v1} to be unloaded once neither serving nor previous")
     listing = httpx.get(gw.url + "/admin/adapters").json()
-    assert listing["serving"] == v2 and listing["promoted_at"] > 0
-    assert states() == {v1: "published", v2: "serving", v3: "published"}
+    assert listing["serving"] == v3 and listing["promoted_at"] > 0
+    assert states() == {v1: "published", v2: "loaded", v3: "serving", v4: "canary", v5: "published"}  # v2: previous
     assert all(a["name"] == f"policy-{a['version']}" and a["path"].endswith(a["version"]) for a in listing["data"])
 
 

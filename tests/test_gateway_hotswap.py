@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
+import time
 
 import httpx
 
@@ -45,29 +46,37 @@ def test_promote_promote_rollback_under_load(fake_gateway):
 
 
 def test_old_version_is_unloaded_only_after_its_last_answer(fake_gateway):
+    """v1 stays loaded while it is the previous version (comparisons, instant rollback); once it is
+    not even that, it is unloaded, but only after the answer it is still giving has finished."""
     gw = fake_gateway
-    v1, v2 = gw.publish_adapter(), gw.publish_adapter()
-    assert httpx.post(f"{gw.url}/admin/adapters/{v1}/promote").status_code == 200
-    gw.engine.hold.add(f"policy-{v1}")  # v1's answers stop after their first chunk until released
+    v1, v2, v3 = gw.publish_adapter(), gw.publish_adapter(), gw.publish_adapter()
+    for version in (v1, v2):
+        assert httpx.post(f"{gw.url}/admin/adapters/{version}/promote").status_code == 200
+    name = f"policy-{v1}"
+    gw.engine.hold.add(name)  # v1's answers stop after their first chunk until released
     done: dict = {}
 
     def stream() -> None:
-        body = {"model": "loopchat", "stream": True, "messages": MORE}
+        body = {"model": name, "stream": True, "messages": MORE}
         with httpx.stream("POST", gw.url + "/v1/chat/completions", json=body, timeout=60) as r:
             done.update(read_stream(r) or {"failed": r.status_code})
 
     client = threading.Thread(target=stream)
     client.start()
     wait_for(lambda: gw.engine.running == 1, 30, f"an answer on {v1} to be under way")
-    assert httpx.post(f"{gw.url}/admin/adapters/{v2}/promote").json()["serving"] == v2
-    assert ask(gw.url) == f"policy-{v2}"
+    assert httpx.post(f"{gw.url}/admin/adapters/{v3}/promote").json()["serving"] == v3  # v2 is previous now
+    assert ask(gw.url) == f"policy-{v3}"
+    follower = gw.app.state.follower
+    wait_for(lambda: time.monotonic() - follower.unneeded_since.get(name, time.monotonic()) >
+             follower.retire_grace_s + 1, 60, f"{v1} to be unneeded for longer than the grace")
     models = {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
-    assert {f"policy-{v1}", f"policy-{v2}"} <= models and f"policy-{v1}" in gw.engine.loaded  # still answering
+    assert {name, f"policy-{v2}", f"policy-{v3}"} <= models and name in gw.engine.loaded  # still answering
 
     gw.engine.hold.clear()
     client.join(30)
-    assert done.get("model") == f"policy-{v1}", done  # finished on the version it began with, all of it
-    assert done["text"] == answer(f"policy-{v1}", MORE)
-    wait_for(lambda: f"policy-{v1}" not in gw.engine.loaded, 30, f"{v1} to be unloaded after its last answer")
-    assert f"policy-{v1}" not in {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
+    assert done.get("model") == name, done  # finished, all of it
+    assert done["text"] == answer(name, MORE)
+    wait_for(lambda: name not in gw.engine.loaded, 30, f"{v1} to be unloaded after its last answer")
+    assert name not in {m["id"] for m in httpx.get(gw.url + "/v1/models").json()["data"]}
+    assert set(gw.engine.loaded) == {f"policy-{v2}", f"policy-{v3}"}
     assert gw.engine.aborted == 0

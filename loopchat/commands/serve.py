@@ -79,9 +79,13 @@ def run_gateway(settings, host, port, engine, engine_urls, engine_port, max_mode
                         port=engine_port, log_dir=settings.logs_dir, max_model_len=max_model_len, dtype=choice,
                         max_lora_rank=settings.max_lora_rank, cache_dir=settings.cache_dir,
                         enforce_eager=enforce_eager)
+    try:
+        follow = {"canary_rule": settings.canary_rule(), "comparison_mix": settings.comparison_mix()}
+    except ValueError as e:
+        raise click.ClickException(str(e)) from e
     app = create_app(store, eng, GatewayConfig(keys_required=not local, max_body_bytes=max_request_bytes,
                                                feedback_rate_limit=feedback_rate_limit,
-                                               max_lora_rank=settings.max_lora_rank))
+                                               max_lora_rank=settings.max_lora_rank, **follow))
     if mount:
         mount(app)
     if store.key_count() == 0:
