@@ -59,8 +59,8 @@ def build_app(gateway_url: str, api_key: str | None = None) -> gr.Blocks:
             with gr.Tab("Compare", elem_id="compare-tab"):
                 compare_tab.build(auth)
             with gr.Tab("Operator", elem_id="operator-tab") as operator:
-                refresh, outputs = operator_tab.build(auth)
-        operator.select(refresh, auth, outputs)
+                refresh, inputs, outputs = operator_tab.build(auth)
+        operator.select(refresh, inputs, outputs)
         app.load(start, browser, [auth, browser, login, tabs, banner])
         for event in (sign_in_button.click, key.submit):
             event(sign_in, key, [auth, login, tabs, banner, login_message])

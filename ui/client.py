@@ -96,11 +96,16 @@ class Gateway:
         rows = (await self.request("GET", "/v1/feedback", params={"completion_id": completion_id}))["data"]
         return rows[0] if rows else None
 
-    async def compare(self, messages: list[dict], max_tokens: int) -> dict:
-        return await self.request("POST", "/v1/comparisons", json={"messages": messages, "max_tokens": max_tokens})
+    async def compare(self, messages: list[dict], max_tokens: int, n: int = 2) -> dict:
+        """`n` anonymous answers (2 to 4), labelled a, b, ... in the order to show them."""
+        return await self.request("POST", "/v1/comparisons",
+                                  json={"messages": messages, "max_tokens": max_tokens, "n": n})
 
-    async def vote(self, comparison_id: str, choice: str) -> dict:
-        return await self.request("POST", f"/v1/comparisons/{comparison_id}/vote", json={"choice": choice})
+    async def vote(self, comparison_id: str, choice: str | None = None,
+                   ranking: list[list[str]] | None = None) -> dict:
+        """A `choice` (a label, tie, all_bad) or a `ranking` (groups of labels, best first); the reveal."""
+        body = {"choice": choice} if ranking is None else {"ranking": ranking}
+        return await self.request("POST", f"/v1/comparisons/{comparison_id}/vote", json=body)
 
     async def adapters(self) -> dict:
         return await self.request("GET", "/admin/adapters")
@@ -119,3 +124,21 @@ class Gateway:
 
     async def rollback(self) -> dict:
         return await self.request("POST", "/admin/rollback")
+
+    # ---- canaries and live win rates (the operator dashboard) ----
+    async def canary(self) -> dict:
+        """The running canary (or null), its live evidence per arm, the rule's state, recent ended ones."""
+        return await self.request("GET", "/admin/canary")
+
+    async def start_canary(self, version: str, share: float) -> dict:
+        return await self.request("POST", f"/admin/adapters/{version}/canary", json={"share": share})
+
+    async def promote_canary(self) -> dict:
+        return await self.request("POST", "/admin/canary/promote")
+
+    async def rollback_canary(self) -> dict:
+        return await self.request("POST", "/admin/canary/rollback")
+
+    async def winrates(self) -> list[dict]:
+        """Per version, its live win rate against its predecessor with a 95% interval."""
+        return (await self.request("GET", "/admin/winrates"))["data"]
