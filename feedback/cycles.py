@@ -215,4 +215,6 @@ def rollback_target(store: Store) -> str | None:
     current, _ = serving_version(store)
     if current in history:
         history = history[:len(history) - 1 - history[::-1].index(current)]
+    while history and history[-1] == current:  # promoted twice in a row: go back past both
+        history.pop()
     return history[-1] if history else None

@@ -10,7 +10,8 @@ store, which every gateway follows, so any gateway gives the same one:
      "adapters": [{"name": "policy-v3", "version": "v3", "path": "/data/adapters/v3", "role": "serving"},
                   ... the canary's, then the rollback target's ("previous")],
      "vllm": {"env": {"VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"},
-              "args": ["--served-model-name", ..., "--enable-lora", ..., "--lora-modules", "policy-v3=/data/adapters/v3", ...]}}
+              "args": ["--served-model-name", ..., "--enable-lora", ...,
+                       "--lora-modules", "policy-v3=/data/adapters/v3", ...]}}
 
 Paths are the store's: replicas must see the adapters folder at the same path (a shared volume,
 mounted alike). A replica started with `vllm.args` serves every listed adapter from its first
