@@ -58,7 +58,11 @@ class Server:
         log = open(self.log_path, "ab")
         self.proc = subprocess.Popen(LOOPCHAT + self.args, stdout=log, stderr=subprocess.STDOUT, env=self.env,
                                      cwd=ROOT)
-        self.wait_ready(timeout)
+        try:
+            self.wait_ready(timeout)
+        except BaseException:  # a server that never got ready must not outlive the session
+            self.stop()
+            raise
         return self
 
     def wait_ready(self, timeout: float = 300) -> None:
@@ -116,7 +120,7 @@ def vllm_gateway(model_dir, tmp_path_factory):
     server = Server(["up", "--no-worker", "--engine", "vllm", "--port", str(port), "--engine-port", str(engine_port),
                      "--data-dir", str(data), "--model", str(model_dir)], data, port)
     server.engine_url = f"http://127.0.0.1:{engine_port}"
-    yield server.start()
+    yield server.start(timeout=600)  # a cold vLLM start on a busy 2-core machine can pass 300 s
     server.stop()
 
 
@@ -305,22 +309,26 @@ class StreamingLoad:
 
     `.results` gets one dict per request: ok, status, prompt, started and finished (time.monotonic())
     and, when ok, id, model (the engine model that answered) and text. `switch()` moves the alias
-    under this load and records when, in `.phases`."""
+    under this load and records when, in `.phases`. With `users`, client i names itself `users[i]`
+    (X-Loopchat-User, open mode; a canary routes by user) and each result also has `user`."""
 
-    def __init__(self, url: str, clients: int = 8, max_tokens: int = 12):
+    def __init__(self, url: str, clients: int = 8, max_tokens: int = 12, users: list[str] | None = None):
         self.url, self.max_tokens = url, max_tokens
+        self.users = list(users) if users else [None] * clients
         self.results: list[dict] = []
         self.phases: list[tuple[float, float, str]] = []  # (switch asked, switch answered, engine model now)
         self.stop = threading.Event()
-        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True) for i in range(clients)]
+        self.threads = [threading.Thread(target=self._client, args=(i,), daemon=True)
+                        for i in range(len(self.users))]
 
     def _client(self, i: int) -> None:
-        prompt = f"Name a color, client {i}."
+        user = self.users[i]
+        prompt = f"Name a color, {user or f'client {i}'}."
         body = {"model": "loopchat", "stream": True, "max_tokens": self.max_tokens, "temperature": 0.8,
                 "messages": [{"role": "user", "content": prompt}]}
-        with httpx.Client(timeout=300) as http:
+        with httpx.Client(timeout=300, headers={"X-Loopchat-User": user} if user else None) as http:
             while not self.stop.is_set():
-                result = {"ok": False, "prompt": prompt, "started": time.monotonic()}
+                result = {"ok": False, "user": user, "prompt": prompt, "started": time.monotonic()}
                 try:
                     with http.stream("POST", self.url + "/v1/chat/completions", json=body) as r:
                         result["status"] = r.status_code
