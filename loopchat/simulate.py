@@ -6,7 +6,8 @@ threshold, some corrections), ask the worker for a cycle (`POST /admin/cycles`),
 outcome, then measure on held-out prompts (never used for feedback) how often the promoted
 policy (`loopchat`) beats the base model, judged by the same preference without noise.
 
-Imports nothing from serve/ or train/: the gateway could be on another machine.
+Imports nothing from serve/ or train/ (only feedback's win-rate statistic, the one the live win
+rates use): the gateway could be on another machine.
 """
 
 from __future__ import annotations
@@ -19,15 +20,21 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import httpx
+
+from feedback.winrates import mean_interval
 
 DEFAULT_PROMPTS = Path(__file__).parent / "data" / "prompts.txt"
 FINAL_STATES = ("promoted", "rejected", "failed", "cancelled", "published")
 CHOICES = ("a", "b", "tie", "both_bad")
-CYCLE_FIGURES = ("id", "state", "version", "gate", "error", "rm_accuracy", "kl", "mean_reward", "n_pairs", "n_sft",
-                 "n_prompts", "duration_s")
+LABELS = "abcd"  # candidates of a comparison of K answers, in the order shown
+CYCLE_FIGURES = ("id", "state", "version", "recipe", "gate", "error", "rm_accuracy", "kl", "mean_reward", "n_pairs",
+                 "n_sft", "n_prompts", "duration_s")
+# Figures a cycle records in one of its steps rather than on its row (first found wins): name here -> key there.
+# The RM step's `accuracy_ci95` is the [low, high] 95% interval of the row's `rm_accuracy`.
+STEP_FIGURES = {"rm_accuracy_ci95": "accuracy_ci95", "kl_base": "kl_base"}
 Log = Callable[[str], None]
 
 
@@ -47,6 +54,8 @@ class SimSettings:
     threshold: float = 0.5
     correction_rate: float = 0.2
     cycles: int = 3
+    recipe: str | None = None  # sent with each cycle request; None: the worker's default
+    rank_k: int = 2  # answers per comparison; above 2 the user ranks them all
     comparisons: int = 48  # per round
     thumbs: int = 24  # per round
     eval_prompts: int = 40  # held-out prompts, never used for feedback
@@ -162,6 +171,37 @@ class Judge:
             raise SimulationError(f"the preference returned {choice!r}; expected one of {CHOICES}")
         return choice
 
+    def rank(self, prompt: str, answers: dict[str, str], rng: random.Random) -> list[list[str]] | None:
+        """The labels of `answers` in groups, best first (ties share a group), by Copeland score: each
+        pairwise win counts +1, each loss -1, a tie or both_bad nothing. None when every pair was
+        both_bad. With probability `noise` the whole ranking is a random strict order instead, as a
+        noisy pairwise vote is a random a or b."""
+        labels = list(answers)
+        if rng.random() < self.noise:
+            return [[label] for label in rng.sample(labels, len(labels))]
+        score = dict.fromkeys(labels, 0)
+        all_bad = True
+        for i, x in enumerate(labels):
+            for y in labels[i + 1:]:
+                choice = self.vote(prompt, answers[x], answers[y], rng, noisy=False)
+                all_bad = all_bad and choice == "both_bad"
+                if choice in ("a", "b"):
+                    winner, loser = (x, y) if choice == "a" else (y, x)
+                    score[winner] += 1
+                    score[loser] -= 1
+        if all_bad:
+            return None
+        return [[label for label in labels if score[label] == s] for s in sorted(set(score.values()), reverse=True)]
+
+    def ballot(self, prompt: str, answers: dict[str, str], rng: random.Random) -> dict:
+        """The vote body `POST /v1/comparisons/{id}/vote` takes for these labelled answers: two
+        answers get one choice (a|b|tie|both_bad, as always); more get their ranking, or `all_bad`
+        when the judge found no answer good."""
+        if len(answers) == 2:
+            return {"choice": self.vote(prompt, *answers.values(), rng)}
+        groups = self.rank(prompt, answers, rng)
+        return {"choice": "all_bad"} if groups is None else {"ranking": groups}
+
     def thumb(self, prompt: str, answer: str, rng: random.Random) -> int:
         if rng.random() < self.noise:
             return rng.choice((1, -1))
@@ -177,18 +217,29 @@ def load_judge(preference: str, score: str | None = None, noise: float = 0.0, th
 
 
 # ---- the gateway, over HTTP ------------------------------------------------------------------
+class Answer(NamedTuple):
+    id: str
+    text: str
+    model: str  # the engine model that answered (the alias resolved: a version's name, or the base model)
+
+
 class Gateway:
     """The few public API calls a population of users (and an operator) make."""
 
     def __init__(self, url: str, api_key: str | None = None, user: str | None = None, timeout: float = 300,
-                 retries: int = 5):
-        headers = {}
+                 retries: int = 5, http: httpx.Client | None = None):
+        self.headers = {}
         if api_key:
-            headers["Authorization"] = f"Bearer {api_key}"
+            self.headers["Authorization"] = f"Bearer {api_key}"
         if user:
-            headers["X-Loopchat-User"] = user
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
-        self.retries = retries
+            self.headers["X-Loopchat-User"] = user
+        self.url, self.api_key, self.timeout, self.retries = url, api_key, timeout, retries
+        self.http = http or httpx.Client(base_url=url.rstrip("/"), timeout=timeout)
+
+    def as_user(self, user: str) -> "Gateway":
+        """The same connections, speaking as another user (an open-mode gateway's `X-Loopchat-User`;
+        a keyed gateway names the key's user whatever the header says)."""
+        return Gateway(self.url, self.api_key, user, self.timeout, self.retries, self.http)
 
     def close(self) -> None:
         self.http.close()
@@ -197,7 +248,7 @@ class Gateway:
         """Retries rate limits (429), an engine not ready (503) and dropped connections."""
         for attempt in range(self.retries + 1):
             try:
-                r = self.http.request(method, path, **kwargs)
+                r = self.http.request(method, path, headers=self.headers, **kwargs)
             except httpx.TransportError as e:
                 if attempt == self.retries:
                     raise SimulationError(f"{method} {path}: {e}") from e
@@ -220,16 +271,17 @@ class Gateway:
                 return m["id"]
         raise SimulationError("GET /v1/models lists no base model")
 
-    def chat(self, messages: list[dict], model: str = "loopchat", **sampling) -> tuple[str, str]:
+    def chat(self, messages: list[dict], model: str = "loopchat", **sampling) -> Answer:
         body = {"model": model, "messages": messages, **sampling}
         data = self.request("POST", "/v1/chat/completions", json=body).json()
-        return data["id"], data["choices"][0]["message"]["content"] or ""
+        return Answer(data["id"], data["choices"][0]["message"]["content"] or "", data["model"])
 
     def compare(self, messages: list[dict], **sampling) -> dict:
         return self.request("POST", "/v1/comparisons", json={"messages": messages, **sampling}).json()
 
-    def vote(self, comparison_id: str, choice: str) -> None:
-        self.request("POST", f"/v1/comparisons/{comparison_id}/vote", json={"choice": choice})
+    def vote(self, comparison_id: str, ballot: dict) -> None:
+        """`ballot`: {"choice": ...} or {"ranking": [[labels], ...]} (Judge.ballot)."""
+        self.request("POST", f"/v1/comparisons/{comparison_id}/vote", json=ballot)
 
     def feedback(self, completion_id: str, rating: int, correction: str | None = None) -> None:
         body = {"completion_id": completion_id, "rating": rating}
@@ -237,10 +289,26 @@ class Gateway:
             body["correction"] = correction
         self.request("POST", "/v1/feedback", json=body)
 
-    def queue_cycle(self) -> int | None:
-        """A new cycle's id; None when one is already active (409)."""
-        r = self.request("POST", "/admin/cycles", ok=(202, 409))
+    def queue_cycle(self, recipe: str | None = None) -> int | None:
+        """A new cycle's id; None when one is already active (409). `recipe`: sft, rlhf (None: the worker's)."""
+        body = {"json": {"recipe": recipe}} if recipe else {}
+        r = self.request("POST", "/admin/cycles", ok=(202, 409), **body)
         return r.json()["id"] if r.status_code == 202 else None
+
+    def adapter_name(self, version: str) -> str:
+        """The engine model name a version answers as (what a chat answer's `model` says)."""
+        for row in self.request("GET", "/admin/adapters").json()["data"]:
+            if row["version"] == version:
+                return row["name"]
+        raise SimulationError(f"no adapter version {version}")
+
+    def start_canary(self, version: str, share: float) -> dict:
+        return self.request("POST", f"/admin/adapters/{version}/canary", ok=(201,), json={"share": share}).json()
+
+    def canary(self, canary_id: int | None = None) -> dict:
+        """One canary's row (live evidence and the rule's decision while it runs); without an id, the
+        status: the running canary (`canary`, null when none), its evidence, recent ended ones."""
+        return self.request("GET", "/admin/canary" + (f"/{canary_id}" if canary_id is not None else "")).json()
 
     def cycles(self) -> list[dict]:
         return self.request("GET", "/admin/cycles").json()["data"]
@@ -292,13 +360,15 @@ def run_all(tasks: list[Callable[[], dict]], concurrency: int, progress: Progres
 
 
 # ---- one round of feedback -------------------------------------------------------------------
-def comparison_task(gw: Gateway, judge: Judge, messages: list[dict], sampling: dict, rng: random.Random):
+def comparison_task(gw: Gateway, judge: Judge, messages: list[dict], sampling: dict, rng: random.Random,
+                    k: int = 2):
+    """One comparison of `k` answers, voted on: a choice between two, a ranking of more."""
     def task() -> dict:
-        cmp = gw.compare(messages, **sampling)
-        a, b = (c["content"] or "" for c in cmp["candidates"])
-        choice = judge.vote(prompt_text(messages), a, b, rng)
-        gw.vote(cmp["id"], choice)
-        return {"kind": "comparison", "choice": choice}
+        cmp = gw.compare(messages, **({"n": k} if k > 2 else {}), **sampling)
+        answers = {c.get("label") or label: c["content"] or "" for label, c in zip(LABELS, cmp["candidates"])}
+        ballot = judge.ballot(prompt_text(messages), answers, rng)
+        gw.vote(cmp["id"], ballot)
+        return {"kind": "comparison", "choice": ballot.get("choice", "ranking")}
     return task
 
 
@@ -316,10 +386,10 @@ def thumbs_task(gw: Gateway, judge: Judge, messages: list[dict], sampling: dict,
 
     def task() -> dict:
         if judge.score is not None:
-            cid, answer = gw.chat(messages, **sampling)
+            cid, answer, _ = gw.chat(messages, **sampling)
             ratings = [(cid, answer, judge.thumb(prompt, answer, rng))]
         else:
-            (ida, a), (idb, b) = gw.chat(messages, **sampling), gw.chat(messages, **sampling)
+            (ida, a, _), (idb, b, _) = gw.chat(messages, **sampling), gw.chat(messages, **sampling)
             choice = judge.vote(prompt, a, b, rng)
             up_a, up_b = {"a": (1, -1), "b": (-1, 1), "tie": (1, 1), "both_bad": (-1, -1)}[choice]
             ratings = [(ida, a, up_a), (idb, b, up_b)]
@@ -336,13 +406,14 @@ def thumbs_task(gw: Gateway, judge: Judge, messages: list[dict], sampling: dict,
 def collect_feedback(gw: Gateway, judge: Judge, cycler: PromptCycler, s: SimSettings, rng: random.Random,
                      label: str, log: Log) -> dict:
     sampling = {"max_tokens": s.max_tokens, "temperature": s.temperature}
-    tasks = [comparison_task(gw, judge, m, sampling, random.Random(rng.random())) for m in cycler.take(s.comparisons)]
+    tasks = [comparison_task(gw, judge, m, sampling, random.Random(rng.random()), s.rank_k)
+             for m in cycler.take(s.comparisons)]
     tasks += [thumbs_task(gw, judge, m, sampling, random.Random(rng.random()), s.correction_rate)
               for m in cycler.take(s.thumbs)]
     random.Random(rng.random()).shuffle(tasks)
     started = time.monotonic()
     results = run_all(tasks, s.concurrency, Progress(f"{label} feedback", len(tasks), log))
-    votes = {c: 0 for c in CHOICES}
+    votes = dict.fromkeys(CHOICES if s.rank_k == 2 else ("ranking", "all_bad"), 0)
     for r in results:
         if r["kind"] == "comparison":
             votes[r["choice"]] += 1
@@ -357,7 +428,7 @@ def request_cycle(gw: Gateway, s: SimSettings, log: Log) -> int:
     """Queue a cycle; when one is already active, wait for it to end first."""
     deadline = time.monotonic() + s.cycle_timeout
     while time.monotonic() < deadline:
-        cycle_id = gw.queue_cycle()
+        cycle_id = gw.queue_cycle(s.recipe)
         if cycle_id is not None:
             return cycle_id
         active = next((c for c in gw.cycles() if c["state"] not in FINAL_STATES), None)
@@ -389,7 +460,11 @@ def wait_cycle(gw: Gateway, cycle_id: int, s: SimSettings, log: Log) -> dict:
 
 def cycle_figures(row: dict) -> dict:
     out = {k: row.get(k) for k in CYCLE_FIGURES}
-    out["steps"] = row.get("steps") or {}
+    steps = row.get("steps") or {}
+    for name, key in STEP_FIGURES.items():
+        found = [row.get(key)] + [figures.get(key) for figures in steps.values() if isinstance(figures, dict)]
+        out[name] = next((value for value in found if value is not None), None)
+    out["steps"] = steps
     return out
 
 
@@ -398,7 +473,7 @@ def pair_task(gw: Gateway, judge: Judge, messages: list[dict], policy: str, base
               rng: random.Random):
     def task() -> dict:
         # store=False: measuring must not feed the loop (stored answers become training prompts)
-        (_, mine), (_, theirs) = (gw.chat(messages, model, store=False, **sampling) for model in (policy, base))
+        mine, theirs = (gw.chat(messages, model, store=False, **sampling).text for model in (policy, base))
         prompt = prompt_text(messages)
         flipped = rng.random() < 0.5  # the judge never knows which side is the policy
         choice = judge.vote(prompt, *((theirs, mine) if flipped else (mine, theirs)), rng, noisy=False)
@@ -422,11 +497,9 @@ def win_rate(gw: Gateway, judge: Judge, heldout: list, policy: str, base: str, s
     results = run_all(tasks, s.concurrency, Progress(f"{label} measuring", len(tasks), log))
     n = len(results)
     counts = {k: sum(r["outcome"] == k for r in results) for k in ("win", "tie", "loss")}
-    points = [{"win": 1.0, "tie": 0.5, "loss": 0.0}[r["outcome"]] for r in results]
-    rate = sum(points) / n if n else None
-    spread = (sum((x - rate) ** 2 for x in points) / (n - 1)) ** 0.5 if n > 1 else None
+    rate, half = mean_interval([{"win": 1.0, "tie": 0.5, "loss": 0.0}[r["outcome"]] for r in results])
     out = {"win_rate": None if rate is None else round(rate, 4),
-           "ci95": None if spread is None else round(1.96 * spread / n ** 0.5, 4), "n": n, **counts,
+           "ci95": None if half is None else round(half, 4), "n": n, **counts,
            "policy_words": _mean(r["policy_words"] for r in results),
            "base_words": _mean(r["base_words"] for r in results), "seconds": round(time.monotonic() - started, 1)}
     if judge.score is not None:
@@ -493,7 +566,14 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def table(report: dict) -> str:
-    lines = [f"{'round':>5}  {'cycle':<16}{'win rate (95% CI)':>18}  {'W/T/L':<11}{'rm acc':>7}{'kl':>8}  "
+    """One line per round. The RM's held-out accuracy gets its 95% (Wilson) interval, and KL splits into
+    KL to the serving version and KL to the base model, when the cycles recorded them."""
+    cycles = [r["cycle"] for r in report["rounds"] if r.get("cycle")]
+    with_ci = any(c.get("rm_accuracy_ci95") is not None for c in cycles)
+    kl_base = any(c.get("kl_base") is not None for c in cycles)
+    acc_w = 20 if with_ci else 7
+    kl_head = f"{'kl srv':>8}{'kl base':>8}" if kl_base else f"{'kl':>8}"
+    lines = [f"{'round':>5}  {'cycle':<16}{'win rate (95% CI)':>18}  {'W/T/L':<11}{'rm acc':>{acc_w}}{kl_head}  "
              f"{'votes':>5} {'thumbs':>6} {'fixes':>5}  {'cycle s':>7}"]
     for r in report["rounds"]:
         cyc, fb, ev = r.get("cycle") or {}, r.get("feedback") or {}, r["eval"]
@@ -501,10 +581,13 @@ def table(report: dict) -> str:
         thumbs = fb.get("thumbs_up", 0) + fb.get("thumbs_down", 0) if fb else None
         wtl = f"{ev['win']}/{ev['tie']}/{ev['loss']}"
         rate = _fmt(ev["win_rate"]) + (f" +- {ev['ci95']:.3f}" if ev.get("ci95") is not None else "")
-        lines.append(f"{r['round']:>5}  {state:<16}{rate:>18}  "
-                     f"{wtl:<11}{_fmt(cyc.get('rm_accuracy')):>7}"
-                     f"{_fmt(cyc.get('kl')):>8}  {_fmt(fb.get('comparisons'), 'd'):>5} {_fmt(thumbs, 'd'):>6} "
-                     f"{_fmt(fb.get('corrections'), 'd'):>5}  {_fmt((r.get('timings') or {}).get('cycle_s'), '.0f'):>7}")
+        ci = cyc.get("rm_accuracy_ci95")
+        acc = _fmt(cyc.get("rm_accuracy")) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        kl = _fmt(cyc.get("kl")).rjust(8) + (_fmt(cyc.get("kl_base")).rjust(8) if kl_base else "")
+        lines.append(f"{r['round']:>5}  {state:<16}{rate:>18}  {wtl:<11}{acc:>{acc_w}}{kl}  "
+                     f"{_fmt(fb.get('comparisons'), 'd'):>5} {_fmt(thumbs, 'd'):>6} "
+                     f"{_fmt(fb.get('corrections'), 'd'):>5}  "
+                     f"{_fmt((r.get('timings') or {}).get('cycle_s'), '.0f'):>7}")
     lines.append(f"final win rate {_fmt(report['final_win_rate'])} against {report['base_model']} "
                  f"in {report['total_s']:.0f} s")
     return "\n".join(lines)
@@ -534,10 +617,20 @@ def plot(report: dict, path: Path) -> None:
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
     axes[0].set_ylabel("win rate vs base")
     axes[0].set_ylim(0, 1)
-    for ax, key, color in ((axes[1], "rm_accuracy", "tab:green"), (axes[2], "kl", "tab:red")):
-        pts = [(r["round"], r["cycle"][key]) for r in cyc if r["cycle"].get(key) is not None]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", color=color)
-        ax.set_ylabel(key.replace("_", " "))
+    for ax, key, color, label in ((axes[1], "rm_accuracy", "tab:green", None),
+                                  (axes[2], "kl", "tab:red", "kl to serving"),
+                                  (axes[2], "kl_base", "tab:purple", "kl to base")):
+        rows = [(r["round"], r["cycle"]) for r in cyc if r["cycle"].get(key) is not None]
+        errors = None
+        if key == "rm_accuracy":  # the Wilson interval: below and above, not symmetric
+            cis = [(c[key], c.get("rm_accuracy_ci95") or (c[key], c[key])) for _, c in rows]
+            errors = [[acc - lo for acc, (lo, _) in cis], [hi - acc for acc, (_, hi) in cis]]
+        ax.errorbar([k for k, _ in rows], [c[key] for _, c in rows], yerr=errors, fmt="o-", color=color, capsize=3,
+                    label=label)
+    axes[1].set_ylabel("rm accuracy")
+    axes[2].set_ylabel("kl")
+    if any(r["cycle"].get("kl_base") is not None for r in cyc):
+        axes[2].legend()
     axes[1].set_ylim(0, 1)
     axes[2].set_xlabel("cycle")
     axes[2].set_xticks(xs)

@@ -7,15 +7,19 @@ import json
 import random
 import subprocess
 import sys
+import threading
 import time
 
 import httpx
 import pytest
+from click.testing import CliRunner
 from conftest import LOOPCHAT, ROOT, Server, free_port
 
+from feedback import Store, cycles
 from loopchat import preferences
-from loopchat.simulate import (DEFAULT_PROMPTS, Judge, SimulationError, load_judge, load_prompts, plot, resolve,
-                               split_prompts, table)
+from loopchat.cli import cli
+from loopchat.simulate import (DEFAULT_PROMPTS, Judge, SimSettings, SimulationError, load_judge, load_prompts, plot,
+                               resolve, simulate, split_prompts, table)
 
 TINY_CYCLE = {
     "min_pairs": 4,
@@ -77,6 +81,33 @@ def test_builtins_and_plugins():
     assert plain.vote("q", "A cat sat.", "A dog sat.", rng, noisy=False) == "tie"
 
 
+def test_ranking_by_the_judge():
+    rng = random.Random(0)
+    judge = load_judge("concise")
+    answers = {"a": "Paris is the capital of France, and it is a big city with a lot of museums.",
+               "b": "Paris.", "c": "It is Paris, in France.", "d": "Paris is, in the end, the one"}
+    # concise: b (1 word) beats c (5 words) beats a (18 words, ended) beats d (unfinished)
+    assert judge.rank("q", answers, rng) == [["b"], ["c"], ["a"], ["d"]]
+    # Equal answers share a group; the others keep their order.
+    assert judge.rank("q", {"a": "Yes.", "b": "It is yes, surely.", "c": "No."}, rng) == [["a", "c"], ["b"]]
+    # A cycle (rock, paper, scissors) gives every answer the same Copeland score: one group.
+    beats = {("rock", "scissors"), ("scissors", "paper"), ("paper", "rock")}
+    rps = Judge(lambda p, x, y: "a" if (x, y) in beats else "b" if (y, x) in beats else "tie")
+    assert rps.rank("q", {"a": "rock", "b": "paper", "c": "scissors"}, rng) == [["a", "b", "c"]]
+    # Every pair both_bad: no ranking, and the vote says all_bad.
+    hates = Judge(lambda p, x, y: "both_bad")
+    assert hates.rank("q", {"a": "x", "b": "y", "c": "z"}, rng) is None
+    assert hates.ballot("q", {"a": "x", "b": "y", "c": "z"}, rng) == {"choice": "all_bad"}
+    # Two answers keep today's single choice; more get the ranking.
+    assert judge.ballot("q", {"a": answers["a"], "b": answers["b"]}, rng) == {"choice": "b"}
+    assert judge.ballot("q", answers, rng) == {"ranking": [["b"], ["c"], ["a"], ["d"]]}
+    # Noise: a share `noise` of rankings is a random strict order of all the labels.
+    noisy = Judge(preferences.concise, noise=0.5)
+    ranks = [noisy.rank("q", answers, rng) for _ in range(400)]
+    assert all(sorted(x for g in r for x in g) == list("abcd") and all(len(g) == 1 for g in r) for r in ranks)
+    assert 0.45 < sum(r != [["b"], ["c"], ["a"], ["d"]] for r in ranks) / 400 < 0.58  # 0.5 * 23/24
+
+
 def test_table_and_plot(tmp_path):
     ev = {"win_rate": 0.5, "ci95": 0.4, "n": 4, "win": 1, "tie": 2, "loss": 1}
     report = {"settings": {"preference": "concise", "noise": 0.1}, "base_model": "base", "total_s": 12.0,
@@ -89,6 +120,79 @@ def test_table_and_plot(tmp_path):
     assert "promoted v1" in text and "0.750 +- 0.400" in text and "0.800" in text
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+
+# ---- the whole simulation on the fake engine ----------------------------------------------------------
+class InstantWorker:
+    """Stands in for `loopchat worker` on a gateway's store: takes each queued cycle and ends it at once as
+    `rejected` with the figures a real cycle records (on its row and in its steps)."""
+
+    FIGURES = {"reward_model": {"accuracy": 0.7, "accuracy_ci95": [0.55, 0.82]},
+               "evaluating": {"kl": 0.25, "kl_base": 3.5}}
+
+    def __init__(self, db_path):
+        self.store, self.stop = Store(db_path), threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self):
+        while not self.stop.is_set():
+            row = cycles.active_cycle(self.store)
+            if row and row["state"] == "queued" and cycles.claim(self.store, row["id"]):
+                cycles.advance(self.store, row["id"], "reward_model")
+                cycles.advance(self.store, row["id"], "evaluating", self.FIGURES["reward_model"], rm_accuracy=0.7)
+                cycles.advance(self.store, row["id"], "rejected", self.FIGURES["evaluating"], kl=0.25)
+            self.stop.wait(0.02)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join(10)
+
+
+def test_simulation_ranks_k_answers_and_asks_for_the_recipe(fake_gateway, tmp_path):
+    """--rank-k 3: every comparison asks for three answers and is voted with a ranking the API stores as sent;
+    --recipe reaches the cycle request; the table shows the RM's interval and both KLs."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    settings = SimSettings(gateway=fake_gateway.url, prompts=prompts, cycles=1, comparisons=12, thumbs=2,
+                           eval_prompts=3, rank_k=3, recipe="sft", noise=0.5, concurrency=2, poll_s=0.05)
+    with InstantWorker(fake_gateway.db_path):
+        report = simulate(settings, log=lambda line: None)
+
+    fb, cyc = report["rounds"][1]["feedback"], report["rounds"][1]["cycle"]
+    assert fb["comparisons"] == 12 and sum(fb["votes"].values()) == 12 and set(fb["votes"]) == {"ranking", "all_bad"}
+    with fake_gateway.db() as db:
+        sizes = [r[0] for r in db.execute("SELECT count(*) FROM candidates GROUP BY comparison_id")]
+        rankings = [json.loads(r[0]) for r in db.execute("SELECT ranking FROM votes")]
+        recipe = db.execute("SELECT recipe FROM cycles WHERE id = ?", [cyc["id"]]).fetchone()[0]
+    assert sizes == [3] * 12 and len(rankings) == 12
+    assert all(sorted(x for group in r for x in group) == ["a", "b", "c"] for r in rankings)
+    # The fake engine gives the three candidates the same text: the judge ties them (one group), and only
+    # noise (half the votes) orders them.
+    assert any(len(r) == 3 for r in rankings) and any(len(r) == 1 for r in rankings)
+    assert recipe == "sft" and cyc["recipe"] == "sft"
+    assert cyc["rm_accuracy"] == 0.7 and cyc["rm_accuracy_ci95"] == [0.55, 0.82]
+    assert cyc["kl"] == 0.25 and cyc["kl_base"] == 3.5
+    text = table(report)
+    assert "0.700 [0.55, 0.82]" in text and "kl srv" in text and "kl base" in text and "3.500" in text
+    plot(report, tmp_path / "r.png")
+    assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+
+    # The command with neither option: no recipe in the request (the worker's default), pairwise choices.
+    with InstantWorker(fake_gateway.db_path):
+        run = CliRunner().invoke(cli, ["simulate", "--gateway", fake_gateway.url, "--prompts", str(prompts),
+                                       "--cycles", "1", "--comparisons", "2", "--thumbs", "0", "--eval-prompts", "3",
+                                       "--out", str(tmp_path / "out")])
+    assert run.exit_code == 0, run.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert report["rounds"][1]["cycle"]["recipe"] is None and report["settings"]["rank_k"] == 2
+    assert report["rounds"][1]["feedback"]["votes"].keys() == {"a", "b", "tie", "both_bad"}
+    with fake_gateway.db() as db:  # this run's two votes, stored as the choices it reports
+        latest = sorted(r[0] for r in db.execute("SELECT choice FROM votes ORDER BY created_at DESC LIMIT 2"))
+    assert latest == sorted(c for c, n in report["rounds"][1]["feedback"]["votes"].items() for _ in range(n))
 
 
 # ---- end to end --------------------------------------------------------------------------------
