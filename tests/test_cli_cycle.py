@@ -115,3 +115,67 @@ def test_a_policy_rank_the_server_refuses_is_a_one_line_error(data_dir, ran, mon
     assert ran == []
     monkeypatch.setenv("LOOPCHAT_MAX_LORA_RANK", "32")
     assert cycle_run(data_dir, "--config", str(data_dir / "cycle.json")).exit_code == 0 and ran == [1]
+
+
+# ---- recipes ------------------------------------------------------------------------------------
+def test_admin_queues_a_cycle_with_its_recipe_and_refuses_an_unknown_one(fake_gateway):
+    from conftest import assert_error
+
+    url = fake_gateway.url + "/admin/cycles"
+    for body, param in (({"recipe": "dpo-ish"}, "recipe"), ({"recipe": 3}, "recipe"), ({"recipes": "sft"}, "recipes")):
+        assert_error(httpx.post(url, json=body), 400, param=param, code="invalid_value")
+    assert_error(httpx.post(url, json=["sft"]), 400, code="invalid_value")
+    assert cycles.list_cycles(fake_gateway.store) == []  # nothing queued
+    r = httpx.post(url, json={"recipe": "sft"})
+    assert r.status_code == 202 and r.json()["recipe"] == "sft" and r.json()["state"] == "queued"
+    cycles.request_cancel(fake_gateway.store, r.json()["id"])
+    r = httpx.post(url)  # no body: the worker's recipe
+    assert r.status_code == 202 and r.json()["recipe"] is None
+
+
+def test_a_queued_recipe_wins_over_the_config_and_is_recorded(data_dir, monkeypatch):
+    """What the worker and `cycle run` do: run_cycle runs the row's recipe, else the config's, and writes it down."""
+    from train import cycle as cycle_module
+
+    ran = []
+    monkeypatch.setattr(cycle_module, "_steps", lambda store, cycle_id, cfg, work, beat: ran.append(cfg.recipe))
+    store = Store(data_dir / "loopchat.db")
+    cfg = cycle_module.CycleConfig(model_dir=data_dir / "model", adapters_dir=data_dir / "adapters", recipe="rlhf")
+    queued = cycles.queue_cycle(store, recipe="sft", claim=True)
+    assert cycle_module.run_cycle(store, queued, cfg)["recipe"] == "sft"
+    cycles.advance(store, queued, "published")
+    plain = cycles.queue_cycle(store, claim=True)
+    assert cycle_module.run_cycle(store, plain, cfg)["recipe"] == "rlhf"
+    assert ran == ["sft", "rlhf"]
+
+
+def test_cycle_run_recipe_flag_is_stored_and_validated(data_dir, ran):
+    store = Store(data_dir / "loopchat.db")
+    result = cycle_run(data_dir, "--recipe", "sft")
+    assert result.exit_code == 0, result.output
+    assert cycles.get_cycle(store, ran[0])["recipe"] == "sft"
+    result = cycle_run(data_dir, "--recipe", "nope")
+    assert result.exit_code == 2 and "'nope' is not one of 'rlhf', 'sft'" in result.output and ran == [1]
+    assert "--recipe [rlhf|sft]" in CliRunner().invoke(loop.worker, ["--help"]).output
+
+
+@pytest.mark.parametrize("overrides, message", [({"recipe": "ppo-only"}, "unknown recipe 'ppo-only'; one of rlhf, sft"),
+                                                ({"init": "scratch"}, "init must be one of serving, base"),
+                                                ({"end_at": "canary", "canary_share": 1.5}, "canary_share must be between 0 and 1")])
+def test_a_bad_cycle_config_is_a_one_line_error(data_dir, ran, overrides, message):
+    (data_dir / "cycle.json").write_text(json.dumps(overrides))
+    result = cycle_run(data_dir, "--config", str(data_dir / "cycle.json"))
+    assert result.exit_code == 1 and message in result.output and len(result.output.strip().splitlines()) == 1
+    assert ran == []
+
+
+def test_recipe_flag_over_the_config_file(data_dir):
+    from loopchat.settings import Settings
+
+    settings = Settings(data_dir=data_dir, model=data_dir / "model")
+    config = data_dir / "cycle.json"
+    config.write_text(json.dumps({"recipe": "sft", "init": "base", "end_at": "canary", "canary_share": 0.2}))
+    cfg = loop.cycle_config(settings, "http://gw", None, False, config, None)
+    assert (cfg.recipe, cfg.init, cfg.end_at, cfg.canary_share) == ("sft", "base", "canary", 0.2)
+    assert loop.cycle_config(settings, "http://gw", None, False, config, None, "rlhf").recipe == "rlhf"
+    assert loop.cycle_config(settings, "http://gw", None, False, None, None).recipe == "rlhf"

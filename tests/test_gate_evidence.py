@@ -16,7 +16,7 @@ PAIRS = [{"prompt": [{"role": "user", "content": f"Tell me about {w}."}], "chose
          for w in WORDS]
 DEMOS = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": w}]} for w in WORDS]
 # An accuracy no reward model reaches: judged, the check fails; reported, it passes as None.
-STRICT = dict(max_new_tokens=4, canaries=(), min_rm_accuracy=1.01)
+STRICT = dict(max_new_tokens=4, canaries=(), capabilities=None, min_rm_accuracy=1.01)
 
 
 @pytest.fixture(scope="module")

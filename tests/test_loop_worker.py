@@ -95,3 +95,21 @@ def test_trigger_one_cycle_at_a_time_and_sigkill_mid_ppo(tmp_path, tiny_model_di
         assert len(cycles.list_cycles(store)) == 2
     finally:
         stop(*workers)
+
+
+def test_the_worker_runs_a_queued_cycle_with_its_recipe(tmp_path, monkeypatch):
+    """A cycle queued with a recipe (POST /admin/cycles {"recipe": ...}) runs it; one queued without
+    runs the worker's (fast: the cycle's steps are replaced by a recorder)."""
+    from train import cycle as cycle_module
+    from train.worker import Thresholds, Worker
+
+    ran = []
+    monkeypatch.setattr(cycle_module, "_steps", lambda store, cycle_id, cfg, work, beat: ran.append(cfg.recipe))
+    store = Store(tmp_path / "loopchat.db")
+    cfg = cycle_module.CycleConfig(model_dir=tmp_path, adapters_dir=tmp_path / "adapters", recipe="rlhf")
+    worker = Worker(store, cfg, Thresholds())
+    queued = cycles.queue_cycle(store, recipe="sft")
+    assert worker.poll()["recipe"] == "sft"
+    cycles.advance(store, queued, "published")
+    cycles.queue_cycle(store)
+    assert worker.poll()["recipe"] == "rlhf" and ran == ["sft", "rlhf"]

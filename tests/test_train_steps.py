@@ -8,6 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
+from feedback import Store
 from train import common
 from train.artifacts import check_adapter, list_versions, load_manifest
 from train.evaluate import GateConfig, evaluate_adapter
@@ -106,7 +107,7 @@ def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, r
     cfg = GateConfig(max_new_tokens=8, canary_max_new_tokens=8, canaries=("Say apple.",))
     verdict = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS[:4], cfg=cfg)
     checks = verdict["checks"]
-    assert set(checks) == {"rm_accuracy", "reward_gain", "kl", "canaries"}
+    assert set(checks) == {"rm_accuracy", "reward_gain", "kl", "kl_base", "canaries", "capability_loglik", "capability_pass"}
     assert all(c["value"] is not None for c in checks.values())
     assert checks["kl"]["value"] > 0.1 and checks["kl"]["passed"]
     assert [a["prompt"] for a in verdict["canary_answers"]] == ["Say apple."] * cfg.canary_samples
@@ -172,6 +173,9 @@ def test_cli_bad_input_is_one_line(cli, tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "not a reward model directory" in result.output and "Traceback" not in result.output
     result = cli("eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--adapter", tmp_path)
     assert result.exit_code == 1 and "not a peft adapter folder" in result.output
+    train_sft(tiny_model_dir, DEMOS[:1], tmp_path / "sft", SFTConfig(max_steps=1), quiet=True)
+    result = cli("eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--adapter", tmp_path / "sft", "--capabilities", bad)
+    assert result.exit_code == 1 and result.output.strip() == f"Error: {bad}:1: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}}"
 
 
 def test_cli_steps_chain_and_publish(cli, tiny_model_dir, rm_run, tmp_path):
@@ -187,8 +191,10 @@ def test_cli_steps_chain_and_publish(cli, tiny_model_dir, rm_run, tmp_path):
                  "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4", "--out", tmp_path / "ppo", "--publish", "-q")
     assert result.exit_code == 0, result.output
     assert list_versions(tmp_path / "adapters") == [1, 2] and load_manifest(tmp_path / "adapters" / "v2")["parent_version"] == 1
+    recorded = Store(tmp_path / "loopchat.db").rows("SELECT version, path FROM adapters ORDER BY version")
+    assert recorded == [{"version": f"v{n}", "path": str(tmp_path / "adapters" / f"v{n}")} for n in (1, 2)]  # promotable
     # Judged against itself as the serving baseline, it gains exactly 0 and finishes its canaries as often: the gate passes.
     v2 = tmp_path / "adapters" / "v2"
     result = cli("eval", *base, "--adapter", v2, "--baseline", v2, "--reward-model", rm_dir, "--prompts", prompts, "--max-new-tokens", "8")
-    assert "rm_accuracy" in result.output and "reward_gain" in result.output
+    assert all(check in result.output for check in ("rm_accuracy", "reward_gain", "kl_base", "capability_pass"))
     assert result.exit_code == 0 and "gate: PASSED" in result.output, result.output

@@ -4,13 +4,16 @@
     adapters/v3/adapter_model.safetensors  and transformers + peft both load the folder as is
     adapters/v3/manifest.json              version, parent, base model, data snapshot,
                                            hyperparameters, metrics, gate verdict, sha256 of files
+    adapters/v3/reward_model/              the reward model the cycle trained beside it (optional):
+                                           the next cycle's reward model continues from the
+                                           serving version's (train.reward's `init_from`)
 
 Publishing is atomic: the files are written and fsynced in a hidden temp folder in the same
 parent, then the folder is renamed to `v{N}` (a rename within one file system is atomic).
 A crash leaves at most a hidden `.v{N}.tmp-*` folder, which is never listed as a version and
 is swept by the next publish. A lock file serialises concurrent publishers.
-Only the adapter's two files are copied: no value head or other training state reaches the
-folder vLLM serves.
+Only the adapter's two files are copied to the top of the folder: no value head or other training
+state reaches what vLLM serves (it reads those two files, never a subfolder).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from pathlib import Path
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 MANIFEST = "manifest.json"
+REWARD_MODEL = "reward_model"
 VERSION_DIR = re.compile(r"^v(\d+)$")
 
 
@@ -77,6 +81,12 @@ def verify(path: str | Path) -> None:
             raise ArtifactError(f"{path / name}: missing or does not match its checksum")
 
 
+def reward_model_dir(path: str | Path) -> Path | None:
+    """The reward model published with a version folder, or None when it has none."""
+    rm = Path(path) / REWARD_MODEL
+    return rm if rm.is_dir() else None
+
+
 def check_adapter(adapter_dir: str | Path, max_rank: int | None = None) -> dict:
     """The adapter's config, after checking it is one vLLM can serve (LoRA, no extra modules, and a
     rank within the server's --max-lora-rank when `max_rank` is given)."""
@@ -123,8 +133,10 @@ def publish(
     hyperparameters: dict | None = None,
     metrics: dict | None = None,
     gate: dict | None = None,
+    reward_model: str | Path | None = None,
 ) -> Path:
-    """Copy a trained adapter into `adapters_dir/v{N}` (N = next free number) with its manifest.
+    """Copy a trained adapter into `adapters_dir/v{N}` (N = next free number) with its manifest, and
+    the files of the `reward_model` folder, when given, into its `reward_model/`.
 
     Returns the new version folder. The caller's dicts go into the manifest as they are."""
     config = check_adapter(adapter_dir)
@@ -136,8 +148,16 @@ def publish(
         version = next_version(root)
         tmp = Path(tempfile.mkdtemp(prefix=f".v{version}.tmp-", dir=root))
         try:
+            copied = list(ADAPTER_FILES)
             for name in ADAPTER_FILES:
                 shutil.copyfile(Path(adapter_dir) / name, tmp / name)
+            if reward_model is not None:
+                (tmp / REWARD_MODEL).mkdir()
+                for f in sorted(p for p in Path(reward_model).iterdir() if p.is_file()):
+                    shutil.copyfile(f, tmp / REWARD_MODEL / f.name)
+                    copied.append(f"{REWARD_MODEL}/{f.name}")
+                _fsync(tmp / REWARD_MODEL)
+            for name in copied:
                 _fsync(tmp / name)
             manifest = {
                 "version": version,
@@ -150,7 +170,7 @@ def publish(
                 "hyperparameters": hyperparameters or {},
                 "metrics": metrics or {},
                 "gate": gate,
-                "files": {name: sha256(tmp / name) for name in ADAPTER_FILES},
+                "files": {name: sha256(tmp / name) for name in copied},
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, default=str) + "\n")
             _fsync(tmp / MANIFEST)

@@ -1,11 +1,12 @@
-"""One retrain cycle, top to bottom: data -> SFT -> reward model -> PPO -> gate -> publish -> promote.
+"""One retrain cycle, top to bottom: data -> the recipe's training steps -> gate -> publish -> promote.
 
-Each step moves the cycle's row in the store (`feedback.cycles`) and records its figures and
-duration, so the dashboard can follow along. With a time budget (`cycle_minutes`) each step gets
-its share of the time left and sizes its own work to it from the speed it measures (train.budget);
-what it chose is recorded with its figures. The serving policy is touched only by the final
-promote call to the gateway's admin API: a cycle that fails or is killed anywhere before it
-leaves what users see unchanged."""
+The recipe (train.recipes: `rlhf`, SFT + reward model + PPO, by default; `sft`) is the one the cycle
+was queued with, else the config's. Each step moves the cycle's row in the store (`feedback.cycles`)
+and records its figures and duration, so the dashboard can follow along. With a time budget
+(`cycle_minutes`) each step gets its recipe's share of the time left and sizes its own work to it from
+the speed it measures (train.budget); what it chose is recorded with its figures. The serving policy
+is touched only by the final call to the gateway's admin API (promote, or start a canary): a cycle
+that fails or is killed anywhere before it leaves what users see unchanged."""
 
 from __future__ import annotations
 
@@ -22,19 +23,18 @@ import httpx
 
 from feedback import Store, cycles
 from feedback.datasets import build_pairs, build_prompts, build_sft
-from train import artifacts
+from train import artifacts, recipes
 from train.evaluate import GateConfig, evaluate_adapter
-from train.ppo import PPOConfig, train_ppo
-from train.reward import RewardConfig, RewardModel, train_reward_model
-from train.sft import SFTConfig, train_sft
+from train.ppo import PPOConfig
+from train.recipes.steps import Data, Run, chosen
+from train.reward import RewardConfig
+from train.sft import SFTConfig
 
 log = logging.getLogger("loopchat.cycle")
 
-# A cycle's time budget is split in the proportions of run D's step durations (bench/RESULTS.md, four
-# cycles on the AVX-512 machine: SFT 133 s, reward model 469 s, PPO 453 s, gate 189 s), so a machine as
-# fast as that one runs run D's sizes unchanged within 10 minutes and a slower one shrinks every step
-# alike. The 5% left pays for building the data sets, publishing and promoting.
-SHARES = {"sft": 0.10, "reward_model": 0.35, "ppo": 0.35, "evaluating": 0.15}
+SHARES = recipes.rlhf.SHARES  # the default recipe's budget shares
+INITS = ("serving", "base")
+ENDS = ("promoted", "canary")
 
 
 @dataclass
@@ -48,10 +48,28 @@ class CycleConfig:
     min_pairs: int = 4  # fewer train pairs than this and the cycle fails before training
     cycle_minutes: float = 10.0  # time budget; 0: every step runs its fixed size from the configs below
     max_prompts: int = 256
+    recipe: str = recipes.DEFAULT  # for cycles queued without one (train.recipes)
+    # Where the policy starts: `serving` continues the serving adapter, and PPO's KL is to it (the policy
+    # it replaces); `base` trains a fresh adapter on all the pooled data each cycle, PPO's KL to the base
+    # model. The reward model continues the serving version's either way.
+    init: str = "serving"
+    # How a cycle that passes the gate ends: `promoted` (it serves everyone) or `canary` (it serves
+    # `canary_share` of users beside the serving version, and the canary's rule or an operator decides).
+    end_at: str = "promoted"
+    canary_share: float = 0.1
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=30))
     rm: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=2))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48))
     gate: GateConfig = field(default_factory=GateConfig)
+
+    def __post_init__(self):
+        recipes.get(self.recipe)
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
+        if self.end_at not in ENDS:
+            raise ValueError(f"end_at must be one of {', '.join(ENDS)}, not {self.end_at!r}")
+        if not 0 < self.canary_share < 1:
+            raise ValueError(f"canary_share must be between 0 and 1, not {self.canary_share!r}")
 
     @classmethod
     def from_dict(cls, base: dict, overrides: dict) -> "CycleConfig":
@@ -60,6 +78,7 @@ class CycleConfig:
         for key, value in overrides.items():
             current = getattr(cfg, key)
             setattr(cfg, key, dataclasses.replace(current, **value) if dataclasses.is_dataclass(current) else value)
+        cfg.__post_init__()
         return cfg
 
 
@@ -91,11 +110,13 @@ class _Heartbeat(threading.Thread):
 def run_cycle(store: Store, cycle_id: int, cfg: CycleConfig) -> dict:
     """Run a claimed cycle to its outcome; returns the final cycle row. Never raises for a
     failed step: the failure is recorded on the row."""
+    recipe = cycles.get_cycle(store, cycle_id)["recipe"] or cfg.recipe
+    cycles.record_recipe(store, cycle_id, recipe)
     beat = _Heartbeat(store, cycle_id)
     beat.start()
     work = Path(tempfile.mkdtemp(prefix=f"cycle-{cycle_id}-"))
     try:
-        _steps(store, cycle_id, cfg, work, beat)
+        _steps(store, cycle_id, dataclasses.replace(cfg, recipe=recipe), work, beat)
     except Cancelled:
         cycles.advance(store, cycle_id, "cancelled", error="cancelled by an operator")
     except Exception as e:  # recorded, not raised: the worker goes on to the next cycle
@@ -107,20 +128,15 @@ def run_cycle(store: Store, cycle_id: int, cfg: CycleConfig) -> dict:
     return cycles.get_cycle(store, cycle_id)
 
 
-def step_budget(step: str, left_s: float) -> float:
+def step_budget(step: str, left_s: float, shares: dict[str, float] = SHARES) -> float:
     """Seconds for `step`: its share of the time left against the shares of the steps still to
     run, so what an earlier step did not use (little data, no demonstrations) goes to later ones."""
-    later = list(SHARES)[list(SHARES).index(step):]
-    return max(0.0, left_s) * SHARES[step] / (sum(SHARES[s] for s in later) + 1 - sum(SHARES.values()))
-
-
-def _chosen(metrics: dict) -> dict:
-    """What a step's time budget chose and from which speed (see train.budget), for the cycle row."""
-    keys = ("time_budget_s", "planned_steps", "measured_s_per_step", "held_out_prompts", "measured_s_per_batch")
-    return {k: metrics[k] for k in keys if metrics.get(k) is not None}
+    later = list(shares)[list(shares).index(step):]
+    return max(0.0, left_s) * shares[step] / (sum(shares[s] for s in later) + 1 - sum(shares.values()))
 
 
 def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Heartbeat) -> None:
+    recipe = recipes.get(cfg.recipe)
     clock = [time.monotonic()]
     deadline = clock[0] + cfg.cycle_minutes * 60
 
@@ -128,7 +144,8 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
         """`step_cfg` with the step's share of the time left as its budget (as it is without a cycle budget)."""
         if not cfg.cycle_minutes:
             return step_cfg
-        return dataclasses.replace(step_cfg, time_budget_s=round(step_budget(step, deadline - time.monotonic()), 1))
+        seconds = step_budget(step, deadline - time.monotonic(), recipe.SHARES)
+        return dataclasses.replace(step_cfg, time_budget_s=round(seconds, 1))
 
     def step_done(next_state: str, figures: dict | None = None, **row_figures) -> None:
         if beat.cancelled or not cycles.heartbeat(store, cycle_id):
@@ -143,71 +160,58 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     cycles.advance(store, cycle_id, "building_data", budget_s=cfg.cycle_minutes * 60 or None)
     serving = _serving_adapter(store)
 
-    # 1. Data: every split decided by conversation hash, the same as `loopchat export`.
-    sft_rows = build_sft(store, split="train")
-    pairs = build_pairs(store, split="train")
-    heldout_pairs = build_pairs(store, split="heldout")
-    prompts = build_prompts(store, split="train", limit=cfg.max_prompts)
-    heldout_prompts = build_prompts(store, split="heldout", limit=cfg.gate.max_prompts)
-    if len(pairs) < cfg.min_pairs:
-        raise CycleFailed(f"only {len(pairs)} training pairs; need at least {cfg.min_pairs}")
-    snapshot = {"sft": _ids(sft_rows), "pairs": _ids(pairs), "heldout_pairs": _ids(heldout_pairs),
-                "n_prompts": len(prompts)}
-    step_done("sft", {"heldout_pairs": len(heldout_pairs), "heldout_prompts": len(heldout_prompts)},
-              n_sft=len(sft_rows), n_pairs=len(pairs), n_prompts=len(prompts))
+    # 1. Data: every split decided by conversation hash, the same as `loopchat export`; all of it, every cycle.
+    data = Data(sft=build_sft(store, split="train"), pairs=build_pairs(store, split="train"),
+                heldout_pairs=build_pairs(store, split="heldout"),
+                prompts=build_prompts(store, split="train", limit=cfg.max_prompts),
+                heldout_prompts=build_prompts(store, split="heldout", limit=cfg.gate.max_prompts))
+    if len(data.pairs) < cfg.min_pairs:
+        raise CycleFailed(f"only {len(data.pairs)} training pairs; need at least {cfg.min_pairs}")
+    snapshot = {"sft": _ids(data.sft), "pairs": _ids(data.pairs), "heldout_pairs": _ids(data.heldout_pairs),
+                "n_prompts": len(data.prompts)}
+    figures = {"heldout_pairs": len(data.heldout_pairs), "heldout_prompts": len(data.heldout_prompts),
+               "recipe": cfg.recipe, "init": cfg.init}
+    row_figures = dict(n_sft=len(data.sft), n_pairs=len(data.pairs), n_prompts=len(data.prompts))
 
-    # 2. SFT on demonstrations, continuing from the serving adapter.
-    policy_init = serving["path"] if serving else None
-    sft_metrics = {}
-    if sft_rows:
-        sft_metrics = train_sft(cfg.model_dir, sft_rows, work / "sft", budgeted("sft", cfg.sft),
-                                init_adapter=policy_init, quiet=True)
-        policy_init = work / "sft"
-    step_done("reward_model", {"examples": len(sft_rows), "steps": sft_metrics.get("steps"),
-                               "loss": sft_metrics.get("train_loss"), **_chosen(sft_metrics)})
+    # 2. The recipe's training steps, from the serving adapter (init: serving) or a fresh one (init: base).
+    continued = serving["path"] if serving and cfg.init == "serving" else None
+    run = Run(cfg=cfg, work=work, data=data, serving=serving, budgeted=budgeted, policy=continued, reference=continued)
+    for step in recipe.STEPS:
+        step_done(step.__name__, figures, **row_figures)
+        figures, row_figures = step(run)
+    if run.policy is None or run.policy == continued:
+        raise CycleFailed(f"the {cfg.recipe} recipe trained no policy: no demonstrations")
 
-    # 3. Reward model on pairs (Bradley-Terry), accuracy on the held-out pairs.
-    rm_metrics = train_reward_model(cfg.model_dir, pairs, work / "rm", budgeted("reward_model", cfg.rm),
-                                    eval_records=heldout_pairs or None, quiet=True)
-    step_done("ppo", {"accuracy": rm_metrics.get("accuracy"), "train_accuracy": rm_metrics.get("train_accuracy"),
-                      "steps": rm_metrics.get("steps"), **_chosen(rm_metrics)},
-              rm_accuracy=rm_metrics.get("accuracy"))
-
-    # 4. PPO against the reward model, starting from the SFT (or serving) policy.
-    reward_model = RewardModel(work / "rm", cfg.model_dir)
-    ppo_metrics = train_ppo(cfg.model_dir, prompts or heldout_prompts, work / "ppo", reward_model.score,
-                            budgeted("ppo", cfg.ppo), init_adapter=policy_init, value_head_from=work / "rm", quiet=True)
-    ppo_figures = {k: ppo_metrics.get(k) for k in ("steps", "stop", "score_first", "score_last", "kl_last")}
-    step_done("evaluating", {**ppo_figures, **_chosen(ppo_metrics)})
-
-    # 5. The gate.
-    verdict = evaluate_adapter(cfg.model_dir, work / "ppo", reward_model=reward_model,
-                               prompts=heldout_prompts or prompts[: cfg.gate.max_prompts],
+    # 3. The gate: the candidate against the policy it would replace.
+    step_done("evaluating", figures, **row_figures)
+    verdict = evaluate_adapter(cfg.model_dir, run.policy, reward_model=run.reward_model,
+                               prompts=data.heldout_prompts or data.prompts[: cfg.gate.max_prompts],
                                baseline_adapter=serving["path"] if serving else None,
-                               heldout_pairs=heldout_pairs or None, cfg=budgeted("evaluating", cfg.gate))
-    checks = verdict["checks"]
+                               heldout_pairs=data.heldout_pairs or None, cfg=budgeted("evaluating", cfg.gate))
+    checks, found = verdict["checks"], verdict["figures"]
     figures = {"rm_accuracy": checks["rm_accuracy"].get("value"), "kl": checks["kl"].get("value"),
-               "mean_reward": verdict["figures"].get("reward_candidate"),
-               "baseline_reward": verdict["figures"].get("reward_baseline"),
-               "canaries_ok": checks["canaries"].get("value")}
-    sizes = _chosen(verdict["figures"])
+               "kl_base": checks["kl_base"].get("value"), "mean_reward": found.get("reward_candidate"),
+               "baseline_reward": found.get("reward_baseline"), "canaries_ok": checks["canaries"].get("value"),
+               "capability_loglik": checks["capability_loglik"].get("value"),
+               "capability_loglik_baseline": found.get("capability_loglik_baseline"),
+               "capability_pass": checks["capability_pass"].get("value"),
+               "capability_pass_baseline": found.get("capability_pass_baseline")}
     gate = "pass" if verdict["passed"] else "fail"
 
-    # 6. Publish atomically as version N.
+    # 4. Publish atomically as version N, with the reward model the next cycle continues from.
     version_dir = artifacts.publish(
-        work / "ppo", cfg.adapters_dir, base_model=str(cfg.model_dir),
+        run.policy, cfg.adapters_dir, base_model=str(cfg.model_dir),
         parent_version=int(serving["version"][1:]) if serving else None, data_snapshot=snapshot,
-        hyperparameters={"cycle_minutes": cfg.cycle_minutes,
+        hyperparameters={"cycle_minutes": cfg.cycle_minutes, "recipe": cfg.recipe, "init": cfg.init,
                          **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("sft", "rm", "ppo", "gate")}},
-        metrics={"sft": sft_metrics, "reward_model": rm_metrics, "ppo": ppo_metrics, **figures},
-        gate=verdict)
+        metrics={**run.metrics, **figures}, gate=verdict, reward_model=run.rm_dir)
     manifest = artifacts.load_manifest(version_dir)
     version = f"v{manifest['version']}"
     cycles.record_adapter(store, version, str(version_dir), manifest, cycle_id)
-    step_done("published", {"gate": gate, **figures, **sizes}, version=version, gate=gate,
+    step_done("published", {"gate": gate, **figures, **chosen(found)}, version=version, gate=gate,
               mean_reward=figures["mean_reward"], kl=figures["kl"])
 
-    # 7. Promote through the gateway (or stop at `published` when there is none).
+    # 5. Promote, or start a canary, through the gateway (or stop at `published` when there is none).
     if gate == "fail":
         failed = ", ".join(k for k, c in checks.items() if c.get("passed") is False)
         cycles.advance(store, cycle_id, "rejected", error=f"gate failed: {failed}")
@@ -215,6 +219,14 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if not cfg.gateway_url:
         return
     headers = {"Authorization": f"Bearer {cfg.admin_key}"} if cfg.admin_key else {}
+    if cfg.end_at == "canary":
+        r = httpx.post(f"{cfg.gateway_url}/admin/adapters/{version}/canary", json={"share": cfg.canary_share},
+                       headers=headers, timeout=300)
+        if r.status_code != 201:
+            raise CycleFailed(f"canary of {version} failed: HTTP {r.status_code} {r.text[:300]}")
+        # `published` is terminal: the next cycle may start while the canary's rule gathers evidence.
+        cycles.advance(store, cycle_id, "published", {"canary": cfg.canary_share, "canary_id": r.json().get("id")})
+        return
     r = httpx.post(f"{cfg.gateway_url}/admin/adapters/{version}/promote", headers=headers, timeout=300)
     if r.status_code != 200:
         raise CycleFailed(f"promotion of {version} failed: HTTP {r.status_code} {r.text[:300]}")

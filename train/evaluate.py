@@ -1,6 +1,6 @@
 """The promotion gate: is a freshly trained adapter good enough to serve?
 
-Four checks, each with its figure and threshold (a check without its inputs is skipped):
+Seven checks, each with its figure and threshold (a check without its inputs is skipped):
   rm_accuracy  the reward model's held-out pair accuracy is above `min_rm_accuracy`
                (a reward model that cannot rank held-out pairs must not steer a policy);
                judged only on at least `min_heldout_pairs` pairs (those given, else those the
@@ -10,22 +10,40 @@ Four checks, each with its figure and threshold (a check without its inputs is s
                prompt with the serving policy's (or the base model's), gains at least
                `min_reward_gain` less `gain_tolerance_se` standard errors: a candidate fails
                when it is measurably worse, not when a dozen samples happen to score lower;
-  kl           the candidate's KL to the reference (the base model), nats per response on its
-               own samples, is under `max_kl` (a guard against reward hacking and drift);
+  kl           the candidate's KL to the policy it replaces (the serving adapter; the base model
+               when none serves), nats per response on its own samples, is under `max_kl`: how far
+               one cycle moves what users get (a guard against reward hacking within a cycle);
+  kl_base      its KL to the base model is under `max_kl_base`, a much wider bound: KL to the base
+               grows with every cycle that continues the last one (bench/RESULTS.md run D hit a
+               10-nat wall after two), so it is a backstop against runaway drift, and what drift
+               costs is judged by the capability checks instead;
   canaries     on canary prompts, the share of sampled answers that are non-empty and end with
                EOS is at most `canary_tolerance` below the baseline's. Sampled and relative, not
                greedy and absolute: the base model's own first token for "What is the capital of
                France?" is "The" at p=0.155 against "L" at 0.140, so any adapter may flip the greedy
                answer into "L'Étoile, la femme, ..." without changing what users get, and the base
-               itself does not finish "Say thank you in one short sentence." within 64 tokens.
+               itself does not finish "Say thank you in one short sentence." within 64 tokens;
+  capability_loglik, capability_pass
+               the alignment tax: on a fixed set of facts, arithmetic and short instructions
+               (`capabilities`, train/data/capabilities.jsonl: a prompt, a reference answer and
+               strings a right answer contains), (a) the mean per-token log-likelihood of the
+               reference answers (one forward pass per item) and (b) the share of greedy answers
+               that contain one of their strings, for the candidate and the baseline. Each is
+               paired item by item, and the candidate fails when it is below the baseline by more
+               than `max_loglik_drop` (nats per token) or `max_pass_drop` (share) plus
+               `capability_tolerance_se` standard errors of the paired difference: measurably
+               worse, not a greedy near-tie flipping one item.
 One base model is loaded; the candidate, the baseline adapter and the base itself are
 switched with peft's adapter controls. With a time budget the held-out prompts are taken batch by
-batch, as many batches as fit (see train.budget), never fewer than `min_prompts`.
+batch, as many batches as fit (see train.budget), never fewer than `min_prompts`; the canaries and
+the capability set are a fixed amount of work done first.
 """
 
 from __future__ import annotations
 
+import json
 import math
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -36,6 +54,8 @@ from train import common, data
 from train.budget import Pace
 from train.ppo import generate, response_logprobs
 
+CAPABILITIES = Path(__file__).parent / "data" / "capabilities.jsonl"
+
 
 @dataclass
 class GateConfig:
@@ -43,7 +63,10 @@ class GateConfig:
     min_heldout_pairs: int = 20  # fewer and rm_accuracy is reported, not judged
     min_reward_gain: float = 0.0  # normalised RM units (std of training rewards)
     gain_tolerance_se: float = 1.0
-    max_kl: float = 10.0  # nats per response
+    # Nats per response (64 tokens) to the policy being replaced: run D's cycles moved 0.4-6.6 nats each.
+    max_kl: float = 10.0
+    # Nats per response to the base model: a backstop that lets KL accumulate over ~10 cycles like run D's.
+    max_kl_base: float = 40.0
     max_prompts: int = 64  # held-out prompts used for reward and KL
     # With a budget, at least this many (when there are): the reward gain's standard error needs them.
     min_prompts: int = 16
@@ -55,6 +78,12 @@ class GateConfig:
     canary_samples: int = 4  # answers per canary prompt, for the candidate and the baseline alike
     canary_max_new_tokens: int = 128
     canary_tolerance: float = 0.25
+    # The capability set (JSONL: prompt, reference, contains_any); None: no capability checks.
+    capabilities: str | None = str(CAPABILITIES)
+    capability_max_new_tokens: int = 32  # greedy; the shipped items name their answer within ~20 tokens
+    max_loglik_drop: float = 0.1  # nats per reference token the candidate may lose against the baseline
+    max_pass_drop: float = 0.1  # share of capability items the candidate may stop answering
+    capability_tolerance_se: float = 1.0
     seed: int = 0
     # Full precision: in bf16 a left-padded batch shifts logits by ~0.7 against the same prompt alone.
     dtype: str = "float32"
@@ -72,35 +101,120 @@ def _flat(batches: list[dict], key: str) -> list:
     return [x for b in batches for x in b[key]]
 
 
-def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, max_new_tokens: int, seed: int) -> list[dict]:
+def _active(model, adapter: str | None):
+    """A context in which `adapter` computes (None: the base model, every adapter off)."""
+    if adapter is None:
+        return model.disable_adapter()
+    model.set_adapter(adapter)
+    return nullcontext()
+
+
+def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, max_new_tokens: int, seed: int,
+             temperature: float | None = None) -> list[dict]:
     """Generate with one adapter active (None = the base model), batch by batch, from `seed`."""
     torch.manual_seed(seed)
-    if adapter is not None:
-        model.set_adapter(adapter)
+    temperature = cfg.temperature if temperature is None else temperature
     out = []
     for i in range(0, len(prompts), cfg.batch_size):
-        if adapter is None:
-            with model.disable_adapter():
-                out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, cfg.temperature))
-        else:
-            out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, cfg.temperature))
+        with _active(model, adapter):
+            out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, temperature))
     return out
 
 
 @torch.no_grad()
-def _kl(model, batches, temperature: float) -> list[torch.Tensor]:
-    """KL(policy || reference) in nats per response on the active adapter's own samples, one
-    tensor per batch: the exact KL between the two next-token distributions, summed over each
-    response's tokens (never negative, far less noisy than averaging log-ratios of the sampled tokens)."""
-    per_seq = []
+def _kl(model, batches, temperature: float, references: tuple[str | None, ...]) -> dict[str | None, torch.Tensor]:
+    """KL(candidate || reference) in nats per response on the candidate's own samples, per reference
+    (an adapter name; None = the base model): the exact KL between the two next-token distributions,
+    summed over each response's tokens (never negative, far less noisy than averaging log-ratios of
+    the sampled tokens)."""
+    per_seq = {r: [] for r in references}
     for b in batches:
         args = (b["seq"], b["attn"], b["prompt_len"], temperature)
-        logp, _ = response_logprobs(model, *args)
-        with model.disable_adapter():
-            ref, _ = response_logprobs(model, *args)
-        per_token = (logp.exp() * (logp - ref)).sum(-1)
-        per_seq.append((per_token * b["mask"]).sum(1))
-    return per_seq
+        with _active(model, "candidate"):
+            logp, _ = response_logprobs(model, *args)
+        for r in references:
+            with _active(model, r):
+                ref, _ = response_logprobs(model, *args)
+            per_seq[r].append(((logp.exp() * (logp - ref)).sum(-1) * b["mask"]).sum(1))
+    return {r: torch.cat(v) for r, v in per_seq.items()}
+
+
+def read_capabilities(source) -> list[dict]:
+    """Capability items: {"prompt": str, "reference": str, "contains_any": [str, ...]} per JSONL line."""
+    path = Path(source)
+    if not path.is_file():
+        raise data.DataError(f"{path}: no such file")
+    items = []
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            item = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise data.DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not (isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("reference"), str)
+                and isinstance(item.get("contains_any"), list) and item["contains_any"]
+                and all(isinstance(x, str) and x for x in item["contains_any"])):
+            raise data.DataError(f"{path}:{i}: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}}")
+        items.append(item)
+    return items
+
+
+def passes(answer: str, contains_any: list[str]) -> bool:
+    """A capability item's check: the answer contains one of its strings (case-insensitive)."""
+    return any(x.lower() in answer.lower() for x in contains_any)
+
+
+@torch.no_grad()
+def _reference_loglik(model, tokenizer, items, adapter: str | None, batch_size: int) -> torch.Tensor:
+    """Mean per-token log-likelihood (temperature 1) of each item's reference answer and its EOS after
+    its prompt: one forward pass per item, laid out as generate() lays out a prompt and its answer."""
+    out = []
+    for i in range(0, len(items), batch_size):
+        chunk = items[i : i + batch_size]
+        prompts = [common.encode_prompt(tokenizer, [{"role": "user", "content": it["prompt"]}]) for it in chunk]
+        answers = [common.encode_response(tokenizer, it["reference"]) for it in chunk]
+        ids = torch.cat([common.pad_left(prompts, tokenizer.pad_token_id), common.pad_right(answers, tokenizer.pad_token_id)], 1)
+        mask = common.pad_right([[1] * len(a) for a in answers], 0).float()
+        attn = torch.cat([common.pad_left([[1] * len(p) for p in prompts], 0), mask.long()], 1)
+        prompt_len = ids.shape[1] - mask.shape[1]
+        with _active(model, adapter):
+            logp, _ = response_logprobs(model, ids.to(model.device), attn.to(model.device), prompt_len, 1.0)
+        tokens = logp.gather(-1, ids[:, prompt_len:].to(model.device).unsqueeze(-1)).squeeze(-1).cpu()
+        out.append((tokens * mask).sum(1) / mask.sum(1))
+    return torch.cat(out)
+
+
+def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se: float) -> tuple[dict, float]:
+    """The candidate's mean against the baseline's less `max_drop` and `tolerance_se` standard errors
+    of their item-by-item difference; (the check, that standard error)."""
+    diff = new - old
+    se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
+    threshold = float(old.mean()) - max_drop - tolerance_se * se
+    return _check(float(new.mean()), threshold, float(new.mean()) >= threshold), se
+
+
+def _capabilities(model, tokenizer, cfg: GateConfig, baseline: str | None) -> tuple[dict, dict, list[dict]]:
+    """(checks, figures, the items the baseline answered and the candidate no longer does)."""
+    items = read_capabilities(cfg.capabilities)
+    if not items:
+        why = f"no items in {cfg.capabilities}"
+        return {"capability_loglik": _skipped(why), "capability_pass": _skipped(why)}, {}, []
+    loglik = {name: _reference_loglik(model, tokenizer, items, name, cfg.batch_size) for name in ("candidate", baseline)}
+    prompts = [[{"role": "user", "content": it["prompt"]}] for it in items]
+    answers, passed = {}, {}
+    for name in ("candidate", baseline):
+        answers[name] = _flat(_samples(model, tokenizer, prompts, cfg, name, cfg.capability_max_new_tokens, cfg.seed, 0.0), "texts")
+        passed[name] = torch.tensor([float(passes(a, it["contains_any"])) for a, it in zip(answers[name], items)])
+    checks, figures = {}, {"capability_items": len(items)}
+    checks["capability_loglik"], figures["capability_loglik_se"] = _paired(
+        loglik["candidate"], loglik[baseline], cfg.max_loglik_drop, cfg.capability_tolerance_se)
+    checks["capability_pass"], figures["capability_pass_se"] = _paired(
+        passed["candidate"], passed[baseline], cfg.max_pass_drop, cfg.capability_tolerance_se)
+    figures.update(capability_loglik_baseline=float(loglik[baseline].mean()), capability_pass_baseline=float(passed[baseline].mean()))
+    lost = [{"prompt": it["prompt"], "answer": answers["candidate"][i], "baseline_answer": answers[baseline][i]}
+            for i, it in enumerate(items) if passed[baseline][i] > passed["candidate"][i]]
+    return checks, figures, lost
 
 
 def _rm_accuracy(reward_model, heldout_pairs, cfg: GateConfig) -> dict:
@@ -131,12 +245,14 @@ def evaluate_adapter(
     """Run the gate on `adapter_dir` and return the verdict:
 
         {"passed": bool, "checks": {name: {"value", "threshold", "passed"[, "skipped"]}},
-         "figures": {...}, "canary_answers": [...], "config": {...}}
+         "figures": {...}, "canary_answers": [...], "capability_lost": [...], "config": {...}}
 
     `reward_model`: a train.reward.RewardModel or its directory (needed for rm_accuracy and
     reward_gain). `prompts`: held-out prompts (JSONL path or rows); without them the canaries
-    stand in for the KL check. `baseline_adapter`: the serving adapter to beat (None = base).
-    `heldout_pairs`: pairs to measure the RM's accuracy on, instead of the figure it recorded."""
+    stand in for the KL checks. `baseline_adapter`: the serving adapter, the policy the candidate
+    replaces (None = the base model): what reward_gain, kl, canaries and the capabilities compare
+    against. `heldout_pairs`: pairs to measure the RM's accuracy on, instead of the figure it recorded.
+    `capability_lost`: the capability items the baseline answered and the candidate does not."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -156,11 +272,14 @@ def evaluate_adapter(
     held_out = data.read_prompts(prompts)[: cfg.max_prompts] if prompts is not None else []
     canaries = [[{"role": "user", "content": c}] for c in cfg.canaries]
     baseline_name = "baseline" if baseline_adapter is not None else None  # None: the base model
-    checks, figures = {}, {}
+    # KL to the policy replaced and to the base model: one and the same when the base serves.
+    references = ("baseline", None) if baseline_adapter is not None else (None,)
+    checks, figures = {}, {"baseline": "serving adapter" if baseline_adapter else "base model"}
 
     checks["rm_accuracy"] = _rm_accuracy(reward_model, heldout_pairs, cfg)
 
-    # Canaries first: a fixed amount of work, done before the held-out prompts are sized to the time left.
+    # Canaries and capabilities first: a fixed amount of work, done before the held-out prompts are
+    # sized to the time left.
     canary_answers = []
     if canaries:
         asked = [c for c in canaries for _ in range(cfg.canary_samples)]
@@ -178,15 +297,24 @@ def evaluate_adapter(
     else:
         checks["canaries"] = _skipped("no canary prompts")
 
+    capability_lost = []
+    if cfg.capabilities:
+        capability_checks, capability_figures, capability_lost = _capabilities(model, tokenizer, cfg, baseline_name)
+        checks.update(capability_checks)
+        figures.update(capability_figures)
+    else:
+        checks["capability_loglik"] = checks["capability_pass"] = _skipped("no capability set")
+
     # Held-out prompts, one batch at a time, as many batches as the budget holds: the candidate's
-    # samples and their KL, then the baseline's from the same seed, both scored by the reward model.
+    # samples and their KLs, then the baseline's from the same seed, both scored by the reward model.
     total = pace.start(math.ceil(len(held_out) / cfg.batch_size), floor=math.ceil(cfg.min_prompts / cfg.batch_size))
-    kls, new, old = [], [], []
+    kls, new, old = {r: [] for r in references}, [], []
     done = 0
     while done < total:
         batch = held_out[done * cfg.batch_size : (done + 1) * cfg.batch_size]
         candidate = _samples(model, tokenizer, batch, cfg, "candidate", cfg.max_new_tokens, cfg.seed + done)
-        kls += _kl(model, candidate, cfg.temperature)
+        for r, v in _kl(model, candidate, cfg.temperature, references).items():
+            kls[r].append(v)
         if reward_model is not None:
             baseline = _samples(model, tokenizer, batch, cfg, baseline_name, cfg.max_new_tokens, cfg.seed + done)
             new.append(reward_model(batch, _flat(candidate, "texts")).float())
@@ -194,10 +322,13 @@ def evaluate_adapter(
         done += 1
         total = pace.step_done(done)
     held_out = held_out[: done * cfg.batch_size]
-    if not held_out:  # the canaries stand in for the KL check
-        kls = _kl(model, _samples(model, tokenizer, canaries, cfg, "candidate", cfg.max_new_tokens, cfg.seed), cfg.temperature)
-    kl = float(torch.cat(kls).mean())
-    checks["kl"] = _check(kl, cfg.max_kl, kl < cfg.max_kl)
+    if held_out:
+        kl = {r: float(torch.cat(v).mean()) for r, v in kls.items()}
+    else:  # the canaries stand in for the KL checks
+        on_canaries = _samples(model, tokenizer, canaries, cfg, "candidate", cfg.max_new_tokens, cfg.seed)
+        kl = {r: float(v.mean()) for r, v in _kl(model, on_canaries, cfg.temperature, references).items()}
+    checks["kl"] = _check(kl[references[0]], cfg.max_kl, kl[references[0]] < cfg.max_kl)
+    checks["kl_base"] = _check(kl[None], cfg.max_kl_base, kl[None] < cfg.max_kl_base)
 
     if reward_model is None or not held_out:
         checks["reward_gain"] = _skipped("no reward model" if reward_model is None else "no held-out prompts")
@@ -206,8 +337,7 @@ def evaluate_adapter(
         diff = new - old
         gain = float(diff.mean())
         se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
-        figures.update(reward_candidate=float(new.mean()), reward_baseline=float(old.mean()), reward_gain_se=se,
-                       baseline="serving adapter" if baseline_adapter else "base model")
+        figures.update(reward_candidate=float(new.mean()), reward_baseline=float(old.mean()), reward_gain_se=se)
         threshold = cfg.min_reward_gain - cfg.gain_tolerance_se * se
         checks["reward_gain"] = _check(gain, threshold, gain >= threshold)
 
@@ -215,4 +345,5 @@ def evaluate_adapter(
     figures.update(held_out_prompts=len(held_out), kl_on="held-out prompts" if held_out else "canaries",
                    time_budget_s=chosen["time_budget_s"], measured_s_per_batch=chosen["measured_s_per_step"])
     passed = all(c["passed"] for c in checks.values() if c["passed"] is not None)
-    return {"passed": passed, "checks": checks, "figures": figures, "canary_answers": canary_answers, "config": asdict(cfg)}
+    return {"passed": passed, "checks": checks, "figures": figures, "canary_answers": canary_answers,
+            "capability_lost": capability_lost, "config": asdict(cfg)}

@@ -5,16 +5,24 @@ One step:
      `max_new_tokens`);
   2. score: reward_fn(prompts, responses) (the reward model, or any rule), minus
      `missing_eos_penalty` for responses that never ended;
-  3. one no-grad pass of the policy (log-probs at the same temperature, values, entropy)
-     and one of the reference (the same model with the adapter disabled: no second copy);
+  3. one no-grad pass of the policy (log-probs at the same temperature, values, entropy), one
+     of the reference and, when the reference is not the base model, one of the base model, all
+     on the same batch (same padding, same positions), so that their differences are the models'
+     and not the layout's;
   4. per-token reward = -kl_coef * (logp - logp_ref), plus the score at the last token;
      GAE with gamma=1, lambda=0.95; advantages whitened over the batch;
   5. `ppo_epochs` passes over `minibatches` minibatches of the clipped policy loss plus the
-     clipped value loss.
+     clipped value loss, plus, with `ptx_coef` > 0, `ptx_coef` times the SFT loss on a batch of
+     demonstrations (InstructGPT's PPO-ptx: it keeps what SFT taught while PPO chases the reward).
+
+The reference: by default the base model (the adapter switched off). A cycle that continues from
+the serving adapter passes that adapter as `reference_adapter`: PPO's KL is then the KL to the policy
+being replaced, so it no longer accumulates across cycles; the KL to the base model is still measured
+and reported (`kl_base`). Both live on one base model in memory: the reference is a second, frozen
+peft adapter, the base is the model with adapters disabled.
 If the KL to the reference (nats per response) ever rises more than `kl_stop` above where the
 starting adapter was, the adapter is put back to its last state under that bound and training
-stops (the reference is the base model, so an adapter continued from earlier cycles starts
-with some KL of its own).
+stops (an adapter continued from earlier cycles may start with some KL of its own).
 
 The value head is a linear layer on the policy's own final hidden states (a shared trunk,
 as in the original InstructGPT-era TRL), initialised from the reward model's head rescaled
@@ -22,25 +30,34 @@ to its normalised score. Why: a separate value model would double memory and com
 what makes TRL's PPO ~2x heavier), and a reward head already knows how to read this base
 model's hidden states, so the first value estimates are in the right range and scale. It is
 saved next to the adapter as `value_head.safetensors`, never inside the adapter that vLLM serves.
+
+Where the time goes (bench/ppo_vs_trl.py prints it per phase): sampling, then the update, then the
+no-grad passes. What keeps them cheap: the LM head runs only at response positions, on contiguous
+hidden states (see response_hidden), and only the taken tokens' log-probs are formed (token_logprobs);
+a minibatch drops the padding columns all its rows share (tight). Not done: sampling with the adapter
+merged into the weights saved ~8% of sampling's CPU time, but in bf16 the merged weights' rounding
+moves the sampled distribution by ~0.04 nats per token, and on the real model it learned less
+in 2 of 3 seeds (tests/test_train_real.py's PPO test failed with it).
 """
 
 from __future__ import annotations
 
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 import hardware
 from train import common, data
 from train.budget import Pace
-from train.sft import lora_config
+from train.sft import batches, lm_loss, lora_config, make_examples
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 VALUE_HEAD_FILE = "value_head.safetensors"
+POLICY, REFERENCE = "default", "reference"  # peft adapter names: the trained one, the frozen one KL is measured to
 
 
 @dataclass
@@ -66,6 +83,11 @@ class PPOConfig:
     vf_coef: float = 0.1
     gamma: float = 1.0
     lam: float = 0.95
+    # PPO-ptx: weight of the SFT loss on demonstrations added to every minibatch's loss (0 = off; needs
+    # `demonstrations`), and how many demonstrations each minibatch gets.
+    ptx_coef: float = 0.0
+    ptx_batch_size: int = 4
+    max_demo_len: int = 512  # tokens per demonstration; longer ones are cut at the end
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.0
@@ -141,22 +163,72 @@ class ValueHead(torch.nn.Module):
         return self.linear(hidden.float()).squeeze(-1)
 
 
+def response_hidden(model, seq, attn, prompt_len: int):
+    """(the final hidden states at the positions that predict the response tokens, the LM head).
+
+    Contiguous on purpose: torch's CPU linear layer on a strided 3-D slice expands the weight to
+    one copy per batch row (SmolLM2's head on a [16, 64, 576] slice: 1.5 s of CPU in bf16 against
+    0.17 s on the same values made contiguous; on a [16, 1, 576] slice, 1.4 s against 5 ms)."""
+    trunk, head = common.backbone_and_head(model)
+    return common.last_hidden(trunk, seq, attn)[:, prompt_len - 1 : -1].contiguous(), head
+
+
 def response_logprobs(model, seq, attn, prompt_len: int, temperature: float):
     """(log-softmax over the vocabulary at `temperature` for every response position, the
     hidden states those come from). Only response positions go through the LM head."""
-    trunk, head = common.backbone_and_head(model)
-    hidden = common.last_hidden(trunk, seq, attn)[:, prompt_len - 1 : -1]
-    return F.log_softmax(head(hidden).float() / temperature, -1), hidden
+    hidden, head = response_hidden(model, seq, attn, prompt_len)
+    return torch.log_softmax(head(hidden).float() / temperature, -1), hidden
+
+
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False):
+    """(log-prob of `tokens` under softmax(logits / temperature), its entropy or None), in float32.
+
+    log p(t) = logit_t / T - logsumexp(logits / T): only the taken tokens' log-probs are formed,
+    never the vocabulary-wide log-softmax (49k floats per position, and as many again for its gradient)."""
+    scaled = logits.float() / temperature
+    norm = torch.logsumexp(scaled, -1)
+    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - norm
+    entropy = norm - (torch.softmax(scaled, -1) * scaled).sum(-1) if with_entropy else None
+    return logprobs, entropy
 
 
 def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float, with_entropy: bool = False):
     """Per response token: log-prob at `temperature`, value of the state before it (None when
-    value_head is None), and optionally the entropy of the sampling distribution."""
-    logprobs_all, hidden = response_logprobs(model, seq, attn, prompt_len, temperature)
-    logprobs = logprobs_all.gather(-1, responses.unsqueeze(-1)).squeeze(-1)
+    value_head is None), and optionally the entropy of the sampling distribution. One trunk pass;
+    the LM head runs only at response positions."""
+    hidden, head = response_hidden(model, seq, attn, prompt_len)
+    logprobs, entropy = token_logprobs(head(hidden), responses, temperature, with_entropy)
     values = value_head(hidden) if value_head is not None else None
-    entropy = -(logprobs_all.exp() * logprobs_all).sum(-1) if with_entropy else None
     return logprobs, values, entropy
+
+
+def tight(batch: dict, rows: torch.Tensor) -> tuple:
+    """(seq, attn, prompt_len, responses, width) of `rows` without the padding columns all of them share.
+
+    Prompts are left-padded and responses right-padded to the longest in the whole batch; a minibatch
+    drops the leading columns where none of its prompts has begun and the trailing ones after its
+    longest response. Exact: padding is masked from attention and skipped by the positions, and
+    nothing after a response's end reaches its tokens. `width` is the kept response length."""
+    attn = batch["attn"][rows]
+    lead = int(attn.argmax(1).min())
+    width = int(batch["mask"][rows].sum(1).max())
+    end = batch["prompt_len"] + width
+    return batch["seq"][rows, lead:end], attn[:, lead:end], batch["prompt_len"] - lead, batch["responses"][rows, :width], width
+
+
+@contextmanager
+def reference_model(model):
+    """The policy PPO's KL is measured against: the frozen `reference` adapter when one was
+    loaded (see train_ppo's `reference_adapter`), else the base model."""
+    if REFERENCE not in model.peft_config:
+        with model.disable_adapter():
+            yield
+        return
+    model.set_adapter(REFERENCE, inference_mode=True)
+    try:
+        yield
+    finally:
+        model.set_adapter(POLICY)  # trainable again, the reference frozen
 
 
 @torch.no_grad()
@@ -168,14 +240,20 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
     ids = common.pad_left(rows, tokenizer.pad_token_id).to(model.device)
     attn = common.pad_left([[1] * len(r) for r in rows], 0).to(model.device)
     sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=attn,
-        max_new_tokens=max_new_tokens,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        **sampling,
-    )
+    # The first step's LM head gets the last prompt position as a strided slice (see response_hidden).
+    _, head = common.backbone_and_head(model)
+    contiguous = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    try:
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=attn,
+            max_new_tokens=max_new_tokens,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **sampling,
+        )
+    finally:
+        contiguous.remove()
     P = ids.shape[1]
     responses, mask, ended = truncate_at_eos(out[:, P:], tokenizer.eos_token_id, tokenizer.pad_token_id)
     return {
@@ -189,18 +267,52 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
     }
 
 
+class Clock:
+    """Seconds spent in each named phase of a step (`with clock("generate"): ...`), wall-clock and
+    this process's CPU time (all threads): on a machine shared with other work the CPU time is the
+    steadier measure of the work itself."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        wall, cpu = time.monotonic(), time.process_time()
+        try:
+            yield
+        finally:
+            self.wall[phase] = self.wall.get(phase, 0.0) + time.monotonic() - wall
+            self.cpu[phase] = self.cpu.get(phase, 0.0) + time.process_time() - cpu
+
+    def figures(self) -> dict[str, float]:
+        return {**{f"seconds_{k}": round(v, 3) for k, v in self.wall.items()},
+                **{f"cpu_seconds_{k}": round(v, 3) for k, v in self.cpu.items()}}
+
+
 @torch.no_grad()
-def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, cfg: PPOConfig, kl_coef: float) -> dict:
+def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: RewardFn, cfg: PPOConfig, kl_coef: float,
+            clock: Clock) -> dict:
     """Sample, score and evaluate one batch; everything PPO's update needs."""
-    batch = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_len)
+    with clock("generate"):
+        batch = generate(model, tokenizer, prompts, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_len)
     seq, attn, P, responses, mask, ended = (batch[k] for k in ("seq", "attn", "prompt_len", "responses", "mask", "ended"))
-    raw_scores = torch.as_tensor(reward_fn(prompts, batch["texts"]), dtype=torch.float32).reshape(-1).to(seq.device)
+    with clock("score"):
+        raw_scores = torch.as_tensor(reward_fn(prompts, batch["texts"]), dtype=torch.float32).reshape(-1).to(seq.device)
     scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
 
-    logprobs, values, entropy = forward(model, value_head, seq, attn, P, responses, cfg.temperature, with_entropy=True)
-    with model.disable_adapter():
-        ref_logprobs, _, _ = forward(model, None, seq, attn, P, responses, cfg.temperature)
+    args = (seq, attn, P, responses, cfg.temperature)
+    with clock("policy"):
+        logprobs, values, entropy = forward(model, value_head, *args, with_entropy=True)
+    with clock("reference"), reference_model(model):
+        ref_logprobs, _, _ = forward(model, None, *args)
     kl = (logprobs - ref_logprobs) * mask
+    if REFERENCE in model.peft_config:
+        with clock("base"), model.disable_adapter():
+            base_logprobs, _, _ = forward(model, None, *args)
+        kl_base = (logprobs - base_logprobs) * mask
+    else:
+        kl_base = kl
     rewards = token_rewards(scores, kl, mask, kl_coef)
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return {
@@ -212,6 +324,7 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
         "stats": {
             "score": float(raw_scores.mean()),
             "kl": float(kl.sum(1).mean()),
+            "kl_base": float(kl_base.sum(1).mean()),
             "entropy": float(masked_mean(entropy, mask)),
             "eos_rate": float(ended.float().mean()),
             "response_len": float(mask.sum(1).mean()),
@@ -219,19 +332,35 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     }
 
 
-def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generator: torch.Generator) -> dict:
-    """`ppo_epochs` passes of clipped policy + value loss over shuffled minibatches."""
+def demonstration_batches(tokenizer, records, cfg: PPOConfig, device):
+    """Endless (ids, labels, attention mask) batches of `ptx_batch_size` demonstrations, reshuffled
+    each pass with their own generator (PPO's prompt and minibatch order stay what they are without them)."""
+    examples = make_examples(tokenizer, data.read_sft(records), cfg.max_demo_len)
+    if not examples:
+        raise data.DataError("no demonstrations to mix into PPO (ptx_coef > 0)")
+    generator = torch.Generator().manual_seed(cfg.seed + 1)
+    while True:
+        for ids, labels, attn in batches(examples, cfg.ptx_batch_size, tokenizer.pad_token_id, generator):
+            yield ids.to(device), labels.to(device), attn.to(device)
+
+
+def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generator: torch.Generator, demonstrations=None) -> dict:
+    """`ppo_epochs` passes of clipped policy + value loss over shuffled minibatches; with
+    `demonstrations` (from demonstration_batches) and `ptx_coef` > 0, plus ptx_coef times the SFT
+    loss on one batch of them per minibatch."""
     model.train()
     n = batch["seq"].shape[0]
     size = max(1, n // cfg.minibatches)
+    mix_ptx = demonstrations is not None and cfg.ptx_coef > 0
     sums: dict[str, float] = {}
     count = 0
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator)
         for start in range(0, n, size):
             i = order[start : start + size].to(batch["seq"].device)
-            mask, adv, old_logp, old_v, ret = (batch[k][i] for k in ("mask", "advantages", "logprobs", "values", "returns"))
-            logp, v, _ = forward(model, value_head, batch["seq"][i], batch["attn"][i], batch["prompt_len"], batch["responses"][i], cfg.temperature)
+            seq, attn, prompt_len, responses, width = tight(batch, i)
+            mask, adv, old_logp, old_v, ret = (batch[k][i, :width] for k in ("mask", "advantages", "logprobs", "values", "returns"))
+            logp, v, _ = forward(model, value_head, seq, attn, prompt_len, responses, cfg.temperature)
             logratio = (logp - old_logp) * mask
             ratio = logratio.exp()
             pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)), mask)
@@ -240,15 +369,21 @@ def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generato
             loss = pg_loss + cfg.vf_coef * vf_loss
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            step_stats = {}
+            if mix_ptx:
+                # A separate backward accumulates into the same gradients: the two graphs are never held at once.
+                ptx_loss = lm_loss(model, *next(demonstrations))
+                (cfg.ptx_coef * ptx_loss).backward()
+                step_stats["ptx_loss"] = ptx_loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             with torch.no_grad():
-                step_stats = {
+                step_stats.update({
                     "pg_loss": pg_loss.item(),
                     "vf_loss": vf_loss.item(),
                     "clipfrac": float(masked_mean(((ratio - 1).abs() > cfg.cliprange).float(), mask)),
                     "approx_kl": float(0.5 * masked_mean(logratio**2, mask)),
-                }
+                })
             for k, val in step_stats.items():
                 sums[k] = sums.get(k, 0.0) + val
             count += 1
@@ -256,6 +391,15 @@ def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generato
 
 
 # ---------------------------------------------------------------- the run
+
+
+def load_policy(model_dir, cfg: PPOConfig, *, device, dtype, init_adapter=None, reference_adapter=None):
+    """The base model with the trainable policy adapter (`init_adapter`, or a fresh one) and, when
+    given, `reference_adapter` beside it as a second, frozen adapter: one base model in memory."""
+    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
+    if reference_adapter is not None:
+        model.load_adapter(str(reference_adapter), adapter_name=REFERENCE, is_trainable=False)
+    return model
 
 
 def lora_state(model) -> dict[str, torch.Tensor]:
@@ -271,6 +415,8 @@ def train_ppo(
     *,
     init_adapter: str | Path | None = None,
     value_head_from: str | Path | None = None,
+    reference_adapter: str | Path | None = None,
+    demonstrations=None,
     quiet: bool = False,
 ) -> dict:
     """Optimise a LoRA policy with PPO and save the adapter (peft format) in `out_dir`.
@@ -280,8 +426,15 @@ def train_ppo(
     `init_adapter`: start from this adapter (e.g. the serving one or the SFT output).
     `value_head_from`: a reward model dir to initialise the value head from (defaults to the
     reward function's own directory when it is a RewardModel; else the head starts at zero).
+    `reference_adapter`: the adapter PPO's KL penalty, KL controller and `kl*` figures are measured
+    against (the serving version's, the policy being replaced); None = the base model. The KL to the
+    base model is reported as `kl_base*` either way.
+    `demonstrations`: SFT records ({"messages": [...]}, a JSONL path or rows) for PPO-ptx, mixed in
+    when `cfg.ptx_coef` > 0 (none given, or an empty list: plain PPO).
     Returns metrics (first/last step figures, stop reason, what the time budget chose:
-    `planned_steps`, `measured_s_per_step`); per-step lines in metrics.jsonl."""
+    `planned_steps`, `measured_s_per_step`); per-step lines in metrics.jsonl, with the seconds
+    each phase took (`seconds_generate`, `seconds_score`, `seconds_policy`, `seconds_reference`,
+    `seconds_base`, `seconds_update`, and the same as `cpu_seconds_*`)."""
     from safetensors.torch import save_file
 
     from train.reward import value_head_init
@@ -296,7 +449,8 @@ def train_ppo(
     device = common.pick_device()
     dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
     tokenizer = common.load_tokenizer(model_dir)
-    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
+    demos = demonstration_batches(tokenizer, demonstrations, cfg, device) if demonstrations and cfg.ptx_coef > 0 else None
+    model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter, reference_adapter=reference_adapter)
     value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)
     value_head_from = value_head_from or getattr(reward_fn, "path", None)
     if value_head_from is not None:
@@ -321,9 +475,10 @@ def train_ppo(
     step = 0
     while step < total:
         step += 1
-        started = time.monotonic()
+        started, started_cpu = time.monotonic(), time.process_time()
+        clock = Clock()
         prompts_now = [next(stream) for _ in range(cfg.batch_size)]
-        batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef)
+        batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef, clock)
         stats = batch["stats"]
         if kl_bound is None:
             kl_bound = stats["kl"] + cfg.kl_stop
@@ -337,28 +492,36 @@ def train_ppo(
             log.step(step, **stats, kl_coef=kl_ctl.coef, stopped=True)
             break
         safe = lora_state(model)
-        stats.update(update(model, value_head, opt, params, batch, cfg, gen))
+        with clock("update"):
+            stats.update(update(model, value_head, opt, params, batch, cfg, gen, demos))
         stats["kl_coef"] = kl_ctl.coef
         kl_ctl.update(stats["kl"], cfg.batch_size)
         seconds = time.monotonic() - started
-        stats.update(seconds=round(seconds, 3), samples_per_s=round(cfg.batch_size / seconds, 3))
+        stats.update(seconds=round(seconds, 3), cpu_seconds=round(time.process_time() - started_cpu, 3),
+                     samples_per_s=round(cfg.batch_size / seconds, 3), **clock.figures())
         history.append(stats)
         total = pace.step_done(step)
         log.replan(total)
         log.step(step, **stats)
     log.close()
 
-    model.save_pretrained(str(out_dir))
+    model.save_pretrained(str(out_dir), selected_adapters=[POLICY])
     save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
-    common.write_json(out_dir / "train_config.json", {"step": "ppo", "model": str(model_dir), "init_adapter": init_adapter, **asdict(cfg)})
+    common.write_json(out_dir / "train_config.json", {"step": "ppo", "model": str(model_dir), "init_adapter": init_adapter,
+                                                      "reference_adapter": reference_adapter, **asdict(cfg)})
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {
         "steps": len(history),
         "stop": stop,
         "score_first": first.get("score"),
         "score_last": last.get("score"),
+        "kl_first": first.get("kl"),
         "kl_last": last.get("kl"),
         "kl_bound": kl_bound,
+        "kl_base_first": first.get("kl_base"),
+        "kl_base_last": last.get("kl_base"),
+        "reference": str(reference_adapter) if reference_adapter is not None else "base",
+        "ptx_loss_last": last.get("ptx_loss"),
         "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history) if history else None,
         **pace.figures(),
     }

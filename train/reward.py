@@ -2,14 +2,28 @@
 
 r(prompt, response) is the head applied to the final hidden state of the last token of
 prompt + response + EOS (the chat template's generation prompt, then the reply as the policy
-would have generated it). The pairwise (Bradley-Terry) loss is
+would have generated it). The pairwise (Bradley-Terry) loss on d = r_chosen - r_rejected - margin is
 
-    -log sigmoid(r_chosen - r_rejected - margin) + center_coef * (r_chosen + r_rejected)^2
+    -(1 - eps) log sigmoid(d) - eps log sigmoid(-d) + center_coef * (r_chosen + r_rejected)^2
 
-where the second term keeps rewards near zero so they do not drift between cycles.
-After training we store the mean and std of the rewards on the training answers; `RewardModel`
-returns (r - mean) / std, so a score means the same across cycles and PPO's KL coefficient
-keeps its scale.
+with `eps` the label smoothing (a vote is taken to be wrong with probability eps: noisy users)
+and the last term keeping rewards near zero so they do not drift between cycles.
+
+Pairs from one ranking of K answers share `meta["group"]` (a record without one is its own
+group). As in InstructGPT, a group is one batch element: its pairs are trained in the same step,
+each answer is scored once however many pairs it is in, and the loss is averaged within each
+group before it is averaged over the groups, so a ranking of K answers weighs as much as one
+comparison of two instead of C(K,2) times as much. `batch_size` counts groups.
+
+After training we store the mean and std of the rewards on a bounded sample of distinct training
+answers (`stats_answers`, in whole groups: scoring every answer overran the step's time budget);
+`RewardModel` returns (r - mean) / std, so a score means the same across cycles and PPO's KL
+coefficient keeps its scale. The held-out accuracy comes with its 95% Wilson interval
+(`accuracy_ci95`), since it is measured on few pairs.
+
+`init_from` continues an earlier reward model (its LoRA and head): the pairs it was trained on
+(listed in its `trained_pairs.json`) are then only replayed, `replay` old groups per new group,
+so a cycle's cost grows with its new data rather than with all of it.
 
 Saved as a peft adapter with the head in `modules_to_save=["score"]`, so PPO can initialise
 its value head from the reward head (see train.ppo).
@@ -20,6 +34,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,6 +48,7 @@ from train.budget import FORWARD_SHARE, Pace
 from train.sft import lora_config
 
 STATS_FILE = "reward_stats.json"
+TRAINED_FILE = "trained_pairs.json"  # keys of the pairs a reward model has seen, for init_from
 
 
 @dataclass
@@ -45,13 +61,26 @@ class RewardConfig:
     epochs: int = 1
     max_steps: int | None = None
     time_budget_s: float | None = None  # run as many steps as fit (at most the fixed count above); see train.budget
-    batch_size: int = 8  # pairs per step
+    batch_size: int = 8  # groups (rankings; a lone pair is a group of one) per step
     max_len: int = 1024
     margin: float = 0.0
+    label_smoothing: float = 0.0  # the share of votes taken to be wrong (0.1 gained nothing at 10% noise)
     center_coef: float = 0.01
+    stats_answers: int = 64  # training answers scored for the normalisation stats (and train_accuracy)
+    replay: float = 0.0  # with init_from: old groups replayed per new group (bench/reward_model.py --warm)
     eval_fraction: float = 0.1  # held-out share of prompts when no eval set is given
     seed: int = 0
     dtype: str = "auto"
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
+    """The Wilson score interval of a proportion (95% for z = 1.96); None without trials."""
+    if n <= 0:
+        return None
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def split_heldout(pairs: list[dict], fraction: float) -> tuple[list[dict], list[dict]]:
@@ -65,6 +94,20 @@ def split_heldout(pairs: list[dict], fraction: float) -> tuple[list[dict], list[
     k = min(max(1, round(fraction * len(prompts))), len(prompts) - 1) if fraction > 0 and len(prompts) > 1 else 0
     heldout = set(prompts[:k])
     return [p for p in pairs if key(p) not in heldout], [p for p in pairs if key(p) in heldout]
+
+
+def read_pairs(records) -> list[dict]:
+    """data.read_pairs, plus each record's `group` from its meta (its own index when it has none)."""
+    rows = [value for _, value in data._rows(records)] if isinstance(records, (str, Path)) else list(records)
+    pairs = data.read_pairs(rows)
+    for i, (pair, row) in enumerate(zip(pairs, rows)):
+        group = (row.get("meta") or {}).get("group")
+        pair["group"] = f"group:{group}" if group is not None else f"pair:{i}"
+    return pairs
+
+
+def pair_key(pair: dict) -> str:
+    return hashlib.sha256(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True).encode()).hexdigest()[:20]
 
 
 def encode_pair(tokenizer, prompt: list[dict], response: str, max_len: int) -> list[int]:
@@ -90,13 +133,101 @@ def score_all(model, tokenizer, prompts, responses, max_len: int, batch_size: in
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
-def pair_accuracy(model, tokenizer, pairs, cfg, device) -> float | None:
-    if not pairs:
-        return None
-    prompts = [p["prompt"] for p in pairs]
-    chosen = score_all(model, tokenizer, prompts, [p["chosen"] for p in pairs], cfg.max_len, cfg.batch_size * 2, device)
-    rejected = score_all(model, tokenizer, prompts, [p["rejected"] for p in pairs], cfg.max_len, cfg.batch_size * 2, device)
-    return float((chosen > rejected).float().mean())
+def score_pairs(score, pairs: list[dict]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(chosen, rejected, every distinct answer's) rewards of `pairs` with `score(prompts, responses)`,
+    each distinct answer scored once."""
+    answers = {}
+    for p in pairs:
+        for text in (p["chosen"], p["rejected"]):
+            answers.setdefault(_answer_key(p["prompt"], text), (p["prompt"], text))
+    keys = list(answers)
+    values = score([answers[k][0] for k in keys], [answers[k][1] for k in keys]) if keys else torch.zeros(0)
+    at = dict(zip(keys, values.tolist()))
+    chosen = torch.tensor([at[_answer_key(p["prompt"], p["chosen"])] for p in pairs])
+    rejected = torch.tensor([at[_answer_key(p["prompt"], p["rejected"])] for p in pairs])
+    return chosen, rejected, values
+
+
+def _answer_key(prompt: list[dict], text: str) -> str:
+    return json.dumps([prompt, text], sort_keys=True)
+
+
+def _distinct_answers(pairs: list[dict]) -> set[str]:
+    return {_answer_key(p["prompt"], t) for p in pairs for t in (p["chosen"], p["rejected"])}
+
+
+def accuracy_figures(chosen: torch.Tensor, rejected: torch.Tensor) -> dict:
+    """`accuracy` (a tie counts as wrong), `accuracy_ci95` and `eval_pairs` of scored pairs."""
+    n, right = len(chosen), int((chosen > rejected).sum())
+    ci = wilson_interval(right, n)
+    return {"accuracy": right / n if n else None, "accuracy_ci95": [round(ci[0], 4), round(ci[1], 4)] if ci else None,
+            "eval_pairs": n}
+
+
+def pairwise_loss(r_chosen, r_rejected, margin, weight, label_smoothing: float, center_coef: float) -> torch.Tensor:
+    """The weighted Bradley-Terry loss of the module docstring; `weight` sums to 1."""
+    d = r_chosen - r_rejected - margin
+    bt = -(1 - label_smoothing) * F.logsigmoid(d) - label_smoothing * F.logsigmoid(-d)
+    return (weight * (bt + center_coef * (r_chosen + r_rejected) ** 2)).sum()
+
+
+class GroupBatches:
+    """Training pairs as groups: each step takes `batch_size` whole groups, and every pair is
+    weighted 1 / (groups in the step x pairs in its group)."""
+
+    def __init__(self, pairs: list[dict], encode, batch_size: int):
+        by_group: dict[str, list[int]] = {}
+        for i, p in enumerate(pairs):
+            by_group.setdefault(p["group"], []).append(i)
+        self.groups = list(by_group.values())
+        self.pairs, self.encode, self.batch_size = pairs, encode, batch_size
+
+    @property
+    def per_epoch(self) -> int:
+        return math.ceil(len(self.groups) / self.batch_size)
+
+    def answers_per_step(self) -> float:
+        return len(_distinct_answers(self.pairs)) / max(1, self.per_epoch)
+
+    def epoch(self, generator: torch.Generator, groups: list[list[int]] | None = None):
+        """Steps of one pass over `groups` (default: all) in a random order."""
+        groups = self.groups if groups is None else groups
+        order = torch.randperm(len(groups), generator=generator).tolist()
+        for i in range(0, len(order), self.batch_size):
+            yield self.step([groups[j] for j in order[i : i + self.batch_size]])
+
+    def step(self, groups: list[list[int]]) -> dict:
+        """Distinct answers' token rows, and per pair (`pairs`: their indices): chosen/rejected row index, weight."""
+        rows, index = [], {}
+
+        def row(prompt, text) -> int:
+            key = _answer_key(prompt, text)
+            if key not in index:
+                index[key] = len(rows)
+                rows.append(self.encode(prompt, text))
+            return index[key]
+
+        chosen, rejected, weights = [], [], []
+        for group in groups:
+            for i in group:
+                p = self.pairs[i]
+                chosen.append(row(p["prompt"], p["chosen"]))
+                rejected.append(row(p["prompt"], p["rejected"]))
+                weights.append(1.0 / (len(groups) * len(group)))
+        return {"rows": rows, "pairs": [i for group in groups for i in group], "chosen": torch.tensor(chosen),
+                "rejected": torch.tensor(rejected), "weight": torch.tensor(weights)}
+
+
+def _stats_sample(batches: GroupBatches, n_answers: int, seed: int) -> list[dict]:
+    """Whole groups in a seeded random order until they hold `n_answers` distinct answers."""
+    order = list(range(len(batches.groups)))
+    random.Random(seed).shuffle(order)
+    pairs = []
+    for g in order:
+        if len(_distinct_answers(pairs)) >= n_answers:
+            break
+        pairs += [batches.pairs[i] for i in batches.groups[g]]
+    return pairs
 
 
 def train_reward_model(
@@ -106,14 +237,18 @@ def train_reward_model(
     cfg: RewardConfig | None = None,
     *,
     eval_records=None,
+    init_from: str | Path | None = None,
     quiet: bool = False,
 ) -> dict:
     """Train a reward model on preference pairs and save it in `out_dir`.
 
-    `records`/`eval_records`: a JSONL path or in-memory rows in the pairs format. Without
-    `eval_records`, `cfg.eval_fraction` of the prompts are held out. Returns metrics with
-    `accuracy` (held-out, None if nothing was held out), `train_accuracy`, `reward_mean/std`, and
-    what the time budget chose (`planned_steps`, `measured_s_per_step`)."""
+    `records`/`eval_records`: a JSONL path or in-memory rows in the pairs format (with an optional
+    `meta.group`). Without `eval_records`, `cfg.eval_fraction` of the prompts
+    are held out. `init_from`: an earlier reward model directory to continue from (see the module
+    docstring). Returns metrics with `accuracy` (held-out, None if nothing was held out),
+    `accuracy_ci95`, `eval_pairs`, `train_accuracy` (on the stats sample), `reward_mean/std`, what
+    the time budget chose (`planned_steps`, `measured_s_per_step`) and, with `init_from`,
+    `new_pairs` and `replayed_pairs`."""
     cfg = cfg or RewardConfig()
     pace = Pace(cfg.time_budget_s)
     out_dir = Path(out_dir)
@@ -121,7 +256,7 @@ def train_reward_model(
     device = common.pick_device()
     dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
     tokenizer = common.load_tokenizer(model_dir)
-    pairs = data.read_pairs(records)
+    pairs = read_pairs(records)
     if eval_records is not None:
         train_pairs, eval_pairs = pairs, data.read_pairs(eval_records)
     else:
@@ -129,31 +264,41 @@ def train_reward_model(
     if not train_pairs:
         raise data.DataError("no preference pairs to train on")
 
-    lora = lora_config(cfg, task_type="SEQ_CLS", modules_to_save=["score"])
-    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora, seq_cls=True)
+    if init_from is not None:
+        model = common.load_lora_model(model_dir, device=device, dtype=dtype, init_adapter=init_from, seq_cls=True)
+        listed = Path(init_from) / TRAINED_FILE  # absent from reward models trained before warm starts: all pairs are new
+        seen = set(json.loads(listed.read_text())) if listed.is_file() else set()
+    else:
+        lora = lora_config(cfg, task_type="SEQ_CLS", modules_to_save=["score"])
+        model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora, seq_cls=True)
+        seen = set()
+    batches = GroupBatches(train_pairs, lambda prompt, text: encode_pair(tokenizer, prompt, text, cfg.max_len), cfg.batch_size)
+    keys = [pair_key(p) for p in train_pairs]
+    new = [g for g in batches.groups if any(keys[i] not in seen for i in g)]
+    old = [g for g in batches.groups if all(keys[i] in seen for i in g)]
+    replayed = random.Random(cfg.seed).sample(old, min(len(old), round(cfg.replay * len(new))))
+    trained = new + replayed
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(train_pairs) / cfg.batch_size)
-    fixed = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    # After the loop every training answer and every held-out pair is scored once (no grad).
-    total = pace.start(fixed, tail_steps=FORWARD_SHARE * (len(train_pairs) + len(eval_pairs)) / cfg.batch_size)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / pace.total)
+    per_epoch = math.ceil(len(trained) / cfg.batch_size)
+    fixed = per_epoch * cfg.epochs if cfg.max_steps is None else min(cfg.max_steps, per_epoch * cfg.epochs)
+    # After the loop a sample of training answers and every held-out answer are scored once (no grad).
+    stats_pairs = _stats_sample(batches, cfg.stats_answers, cfg.seed)
+    tail_answers = len(_distinct_answers(stats_pairs)) + len(_distinct_answers(eval_pairs))
+    total = pace.start(fixed, tail_steps=FORWARD_SHARE * tail_answers / batches.answers_per_step())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / max(1, pace.total))
     gen = torch.Generator().manual_seed(cfg.seed)
-    encoded = [
-        (encode_pair(tokenizer, p["prompt"], p["chosen"], cfg.max_len), encode_pair(tokenizer, p["prompt"], p["rejected"], cfg.max_len))
-        for p in train_pairs
-    ]
 
     log = common.RunLog(out_dir, total, "reward model", quiet)
     step, started = 0, time.monotonic()
     while step < total:
-        order = torch.randperm(len(encoded), generator=gen).tolist()
-        for i in range(0, len(order), cfg.batch_size):
+        for batch in batches.epoch(gen, trained):
             model.train()
-            chunk = [encoded[j] for j in order[i : i + cfg.batch_size]]
-            both = rewards(model, [c for c, _ in chunk] + [r for _, r in chunk], tokenizer.pad_token_id, device)
-            r_c, r_r = both[: len(chunk)], both[len(chunk) :]
-            loss = -F.logsigmoid(r_c - r_r - cfg.margin).mean() + cfg.center_coef * ((r_c + r_r) ** 2).mean()
+            r = rewards(model, batch["rows"], tokenizer.pad_token_id, device)
+            r_c, r_r = r[batch["chosen"]], r[batch["rejected"]]
+            weight = batch["weight"].to(device)
+            loss = pairwise_loss(r_c, r_r, cfg.margin, weight, cfg.label_smoothing, cfg.center_coef)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -162,29 +307,39 @@ def train_reward_model(
             total = pace.step_done(step)
             log.replan(total)
             sched.step()
-            log.step(step, loss=loss.item(), accuracy=(r_c > r_r).float().mean().item(), margin=(r_c - r_r).mean().item())
+            d = (r_c - r_r).detach()
+            log.step(step, loss=loss.item(), accuracy=float((weight * (d > 0)).sum()), margin=float((weight * d).sum()),
+                     answers=len(batch["rows"]))
             if step >= total:
                 break
     log.close()
+    trained_s = time.monotonic() - started
 
-    # Normalisation stats over every training answer, with the final weights.
-    prompts = [p["prompt"] for p in train_pairs] * 2
-    answers = [p["chosen"] for p in train_pairs] + [p["rejected"] for p in train_pairs]
-    raw = score_all(model, tokenizer, prompts, answers, cfg.max_len, cfg.batch_size * 2, device)
+    # Normalisation stats on a sample of training answers, with the final weights; then the held-out accuracy.
+    def score(prompts, responses):
+        return score_all(model, tokenizer, prompts, responses, cfg.max_len, cfg.batch_size * 2, device)
+
+    s_chosen, s_rejected, raw = score_pairs(score, stats_pairs)
+    held = accuracy_figures(*score_pairs(score, eval_pairs)[:2])
     metrics = {
-        "accuracy": pair_accuracy(model, tokenizer, eval_pairs, cfg, device),
-        "train_accuracy": float((raw[: len(train_pairs)] > raw[len(train_pairs) :]).float().mean()),
+        **held,
+        "train_accuracy": float((s_chosen > s_rejected).float().mean()),
         "train_pairs": len(train_pairs),
-        "eval_pairs": len(eval_pairs),
+        "train_groups": len(batches.groups),
+        "stats_pairs": len(stats_pairs),
         "reward_mean": float(raw.mean()),
         "reward_std": float(raw.std()) if len(raw) > 1 else 1.0,
         "steps": step,
         "seconds": round(time.monotonic() - started, 2),
+        "scoring_s": round(time.monotonic() - started - trained_s, 2),
         **pace.figures(),
     }
+    if init_from is not None:
+        metrics.update(init_from=str(init_from), new_pairs=sum(len(g) for g in new), replayed_pairs=sum(len(g) for g in replayed))
     model.save_pretrained(str(out_dir))
     stats = {"base_model": str(Path(model_dir).resolve()), "mean": metrics["reward_mean"], "std": max(metrics["reward_std"], 1e-6)}
     common.write_json(out_dir / STATS_FILE, {**stats, "metrics": metrics})
+    (out_dir / TRAINED_FILE).write_text(json.dumps(sorted(seen | set(keys))))
     common.write_json(out_dir / "train_config.json", {"step": "reward", "model": str(model_dir), **asdict(cfg)})
     return metrics
 
@@ -249,7 +404,4 @@ class RewardModel:
     def accuracy_on(self, pairs) -> float | None:
         """Pair accuracy on `pairs` (a JSONL path or rows in the pairs format)."""
         pairs = data.read_pairs(pairs)
-        if not pairs:
-            return None
-        prompts = [p["prompt"] for p in pairs]
-        return float((self.raw(prompts, [p["chosen"] for p in pairs]) > self.raw(prompts, [p["rejected"] for p in pairs])).float().mean())
+        return accuracy_figures(*score_pairs(self.raw, pairs)[:2])["accuracy"] if pairs else None

@@ -46,6 +46,7 @@ def echo_metrics(metrics: dict, out: Path) -> None:
 def maybe_publish(settings, adapter: Path, model: Path, step: str, init_adapter: Path | None, cfg, metrics: dict, data_file: Path) -> None:
     from dataclasses import asdict
 
+    from feedback import Store, cycles
     from train.artifacts import load_manifest, publish
 
     parent = load_manifest(init_adapter)["version"] if init_adapter and (init_adapter / "manifest.json").is_file() else None
@@ -58,6 +59,8 @@ def maybe_publish(settings, adapter: Path, model: Path, step: str, init_adapter:
         hyperparameters={"step": step, **asdict(cfg)},
         metrics=metrics,
     )
+    manifest = load_manifest(version)  # recorded in the store, so the gateway can promote it or put it on canary
+    cycles.record_adapter(Store(settings.db_path), f"v{manifest['version']}", str(version), manifest)
     click.echo(f"published {version}")
 
 
@@ -170,9 +173,14 @@ def ppo_command(settings, reward_model, prompts, init_adapter, batch_size, max_n
 @click.option("--baseline", type=DIR, help="The serving adapter to beat (default: the base model).")
 @click.option("--pairs", type=FILE, help="Held-out pairs to measure the reward model's accuracy on.")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True, help="Per answer, held-out prompts and canaries alike.")
+@click.option("--capabilities", type=FILE, help="Capability set, JSONL of {prompt, reference, contains_any} "
+              "(default: the shipped train/data/capabilities.jsonl).")
+@click.option("--max-kl", type=float, help="Bound on the KL to the baseline, nats per answer (default: the gate's).")
+@click.option("--max-kl-base", type=float, help="Bound on the KL to the base model (default: the gate's).")
 @click.option("--json", "as_json", is_flag=True, help="Print the whole verdict as JSON.")
 @settings_options
-def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_new_tokens, as_json):
+def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_new_tokens, capabilities, max_kl,
+                 max_kl_base, as_json):
     """Run the promotion gate on an adapter and print its figures; exit 1 if it fails."""
     training_process()
     from train.evaluate import GateConfig, evaluate_adapter
@@ -182,19 +190,23 @@ def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_
     model = ensure_model(settings)
     with one_line_errors():
         check_adapter(adapter, max_rank=settings.max_lora_rank)
-        cfg = GateConfig(max_new_tokens=max_new_tokens, canary_max_new_tokens=max_new_tokens)
+        given = {"capabilities": capabilities and str(capabilities), "max_kl": max_kl, "max_kl_base": max_kl_base}
+        cfg = GateConfig(max_new_tokens=max_new_tokens, canary_max_new_tokens=max_new_tokens,
+                         **{k: v for k, v in given.items() if v is not None})
         verdict = evaluate_adapter(model, adapter, reward_model=reward_model, prompts=prompts, baseline_adapter=baseline, heldout_pairs=pairs, cfg=cfg)
     if as_json:
         click.echo(json.dumps(verdict, indent=2, default=str))
     else:
-        click.echo(f"{'check':<12} {'value':>10} {'threshold':>10}  result")
+        click.echo(f"{'check':<18} {'value':>10} {'threshold':>10}  result")
         for name, c in verdict["checks"].items():
             value = "-" if c["value"] is None else f"{c['value']:.4g}"
             threshold = "-" if c["threshold"] is None else f"{c['threshold']:.4g}"
             result = f"skipped ({c['skipped']})" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")
-            click.echo(f"{name:<12} {value:>10} {threshold:>10}  {result}")
+            click.echo(f"{name:<18} {value:>10} {threshold:>10}  {result}")
         for k, v in verdict["figures"].items():
             click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
+        for lost in verdict["capability_lost"]:
+            click.echo(f"lost: {lost['prompt']!r} -> {lost['answer']!r} (baseline: {lost['baseline_answer']!r})")
         click.echo("gate: " + ("PASSED" if verdict["passed"] else "FAILED"))
     if not verdict["passed"]:
         raise SystemExit(1)

@@ -1,0 +1,100 @@
+"""Whole cycles on a tiny random Llama in front of the in-process gateway (fake engine): the rlhf
+recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
+started from the one published with it) and may end at a canary; the sft recipe runs no PPO; `init:
+base` starts every cycle from the base model."""
+
+import httpx
+import pytest
+from feedback_fixtures import add_completion
+from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtures)
+
+from feedback import Store, cycles
+from train import artifacts
+from train.cycle import CycleConfig, run_cycle
+
+TINY = {
+    "cycle_minutes": 0,
+    "sft": {"max_steps": 2, "batch_size": 4, "max_len": 128},
+    "rm": {"epochs": 1, "max_steps": 2, "batch_size": 4, "max_len": 128},
+    "ppo": {"steps": 2, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 8, "ptx_coef": 0.1},
+    "gate": {"max_prompts": 4, "batch_size": 4, "max_new_tokens": 8, "canaries": [], "capability_max_new_tokens": 4,
+             "min_rm_accuracy": 0.0, "min_reward_gain": -1000.0, "max_kl": 1000.0, "max_kl_base": 1000.0,
+             "max_loglik_drop": 1000.0, "max_pass_drop": 1.0},
+}
+
+
+def fill(store: Store, n: int = 16) -> None:
+    """n comparisons, each voted for its shorter answer."""
+    for i in range(n):
+        prompt = f"Question {i}: what is {i} plus {i}?"
+        a = add_completion(store, f"a{i}", prompt=prompt, answers=(f"{2 * i}.",))
+        b = add_completion(store, f"b{i}", prompt=prompt, answers=(f"Well, {i} plus {i} needs a long think first.",))
+        store.vote("alice", store.create_comparison("alice", a, b), "a")
+
+
+def cycle(store: Store, tiny_model_dir, adapters_dir, gateway_url=None, recipe=None, **overrides) -> dict:  # noqa: F811
+    cfg = CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": adapters_dir, "gateway_url": gateway_url},
+                                {**TINY, **overrides})
+    return run_cycle(store, cycles.queue_cycle(store, claim=True, recipe=recipe), cfg)
+
+
+def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, tiny_model_dir, tmp_path):  # noqa: F811
+    store = fake_gateway.store
+    fill(store)
+    first = cycle(store, tiny_model_dir, tmp_path / "adapters", fake_gateway.url)
+    assert first["state"] == "promoted", first["error"]
+    assert first["recipe"] == "rlhf" and cycles.serving_version(store)[0] == "v1"
+    v1 = tmp_path / "adapters" / "v1"
+    assert artifacts.reward_model_dir(v1) is not None
+    artifacts.verify(v1)  # the reward model's files are in the manifest's checksums
+    assert {"reward_model/adapter_model.safetensors", "reward_model/reward_stats.json"} <= set(artifacts.load_manifest(v1)["files"])
+    steps = first["steps"]
+    assert steps["ppo"]["reference"] == "base" and steps["reward_model"]["init_from"] is None
+    assert steps["evaluating"]["kl"] == steps["evaluating"]["kl_base"]  # the base model served: one reference
+
+    second = cycle(store, tiny_model_dir, tmp_path / "adapters", fake_gateway.url, end_at="canary", canary_share=0.25)
+    assert second["state"] == "published" and second["gate"] == "pass", second["error"]
+    steps = second["steps"]
+    assert steps["published"]["canary"] == 0.25 and steps["published"]["canary_id"]
+    running = httpx.get(fake_gateway.url + "/admin/canary").json()["canary"]
+    assert running["version"] == "v2" and running["share"] == 0.25 and running["baseline"] == "v1"
+    assert cycles.serving_version(store)[0] == "v1"  # the alias did not move
+    # PPO's KL and the gate's `kl` are to v1, the policy being replaced; KL to the base is reported beside it
+    assert steps["ppo"]["reference"] == "v1" and steps["ppo"]["kl_base_last"] is not None
+    assert steps["ppo"]["ptx_loss_last"] is not None  # the demonstrations were mixed in (ppo.ptx_coef)
+    assert steps["reward_model"]["init_from"] == "v1" and steps["reward_model"]["accuracy_ci95"] is not None
+    gate = steps["evaluating"]
+    assert gate["kl"] != gate["kl_base"] and gate["kl_base"] > 0
+    assert {"capability_loglik", "capability_loglik_baseline", "capability_pass", "capability_pass_baseline"} <= gate.keys()
+    verdict = artifacts.load_manifest(tmp_path / "adapters" / "v2")["gate"]
+    assert verdict["figures"]["baseline"] == "serving adapter" and verdict["checks"]["kl"]["value"] == gate["kl"]
+    # the next cycle may start while the canary runs: `published` is terminal
+    assert cycles.active_cycle(store) is None
+
+
+def test_sft_recipe_runs_no_ppo_and_init_base_starts_from_the_base(tiny_model_dir, tmp_path):  # noqa: F811
+    store = Store(tmp_path / "loopchat.db")
+    fill(store)
+    adapters = tmp_path / "adapters"
+    sft = cycle(store, tiny_model_dir, adapters, recipe="sft")
+    assert sft["state"] == "published" and sft["recipe"] == "sft", sft["error"]
+    assert set(sft["steps"]) == {"building_data", "sft", "reward_model", "evaluating"}
+    assert sft["steps"]["building_data"]["recipe"] == "sft"
+    assert sft["rm_accuracy"] is not None and artifacts.reward_model_dir(adapters / "v1") is not None
+    manifest = artifacts.load_manifest(adapters / "v1")
+    assert manifest["hyperparameters"]["recipe"] == "sft" and "ppo" not in manifest["metrics"]
+
+    cycles.record_promotion(store, "v1", "promote", "test")  # v1 serves
+    based = cycle(store, tiny_model_dir, adapters, init="base")
+    assert based["state"] == "published", based["error"]
+    steps = based["steps"]
+    assert steps["building_data"]["init"] == "base" and steps["ppo"]["reference"] == "base"
+    assert steps["reward_model"]["init_from"] == "v1"  # the reward model continues either way
+    assert artifacts.load_manifest(adapters / "v2")["gate"]["figures"]["baseline"] == "serving adapter"
+
+
+@pytest.mark.parametrize("share", [0.0, 1.0])
+def test_canary_share_must_be_a_fraction(tiny_model_dir, tmp_path, share):  # noqa: F811
+    with pytest.raises(ValueError, match="canary_share"):
+        CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": tmp_path}, {"end_at": "canary",
+                                                                                        "canary_share": share})

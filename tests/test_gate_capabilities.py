@@ -1,0 +1,135 @@
+"""The gate's capability guard (the alignment tax) and its KL checks: a candidate that lost what the
+serving policy could do is rejected, one that kept it passes, and KL is judged against the policy
+being replaced, KL to the base model against a wider bound.
+
+Fast tests on a tiny random Llama with a small capability set written here; the slow one uses the
+real 135M model, the shipped set and an adapter trained in the test to answer everything with one word."""
+
+import json
+
+import pytest
+
+from train.evaluate import CAPABILITIES, GateConfig, evaluate_adapter, passes, read_capabilities
+from train.sft import SFTConfig, train_sft
+from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtures)
+
+ITEMS = [
+    {"prompt": "Name the red fruit.", "reference": "apple", "contains_any": ["apple"]},
+    {"prompt": "Name the long water.", "reference": "river", "contains_any": ["river"]},
+    {"prompt": "Name the hard thing.", "reference": "stone", "contains_any": ["stone"]},
+    {"prompt": "Name the white sky thing.", "reference": "cloud", "contains_any": ["cloud"]},
+]
+ONE_WORD = "Okay"
+# Only the capability checks and the KL checks: no canaries, no reward model.
+FAST = dict(max_new_tokens=4, canaries=(), capability_max_new_tokens=4, batch_size=4)
+
+
+def demos(answer=None, repeat=8):
+    """The capability prompts answered with their references, or all with `answer`."""
+    return [{"messages": [{"role": "user", "content": it["prompt"]},
+                          {"role": "assistant", "content": answer or it["reference"]}]} for it in ITEMS] * repeat
+
+
+@pytest.fixture(scope="module")
+def capability_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("caps") / "capabilities.jsonl"
+    path.write_text("".join(json.dumps(it) + "\n" for it in ITEMS))
+    return path
+
+
+@pytest.fixture(scope="module")
+def adapters(tiny_model_dir, tmp_path_factory):  # noqa: F811
+    """`serving` answers the capability items; `one_word` is it trained on to answer everything "Okay";
+    `kept` is it trained a little more on its own answers."""
+    root = tmp_path_factory.mktemp("adapters")
+    train_sft(tiny_model_dir, demos(), root / "serving", SFTConfig(lr=5e-3, epochs=12, batch_size=8), quiet=True)
+    train_sft(tiny_model_dir, demos(ONE_WORD), root / "one_word", SFTConfig(lr=5e-3, epochs=6, batch_size=8),
+              init_adapter=root / "serving", quiet=True)
+    train_sft(tiny_model_dir, demos(repeat=1), root / "kept", SFTConfig(lr=1e-4, max_steps=1, batch_size=4),
+              init_adapter=root / "serving", quiet=True)
+    return root
+
+
+def gate(tiny_model_dir, adapters, capability_file, candidate, **cfg):  # noqa: F811
+    return evaluate_adapter(tiny_model_dir, adapters / candidate, prompts=[it["prompt"] for it in ITEMS],
+                            baseline_adapter=adapters / "serving",
+                            cfg=GateConfig(**{**FAST, "capabilities": str(capability_file), **cfg}))
+
+
+def test_the_shipped_set_reads_and_its_checks_match_case_insensitively():
+    items = read_capabilities(CAPABILITIES)
+    assert 20 <= len(items) <= 30 and len({it["prompt"] for it in items}) == len(items)
+    assert all(passes(it["reference"], it["contains_any"]) for it in items)  # every reference passes its own check
+    assert passes("The capital is PARIS.", ["Paris"]) and not passes("Lyon", ["Paris"])
+
+
+def test_a_candidate_that_lost_its_capabilities_is_rejected(tiny_model_dir, adapters, capability_file):  # noqa: F811
+    verdict = gate(tiny_model_dir, adapters, capability_file, "one_word")
+    checks, figures = verdict["checks"], verdict["figures"]
+    assert figures["capability_items"] == len(ITEMS) and figures["capability_pass_baseline"] >= 0.75
+    assert checks["capability_pass"]["passed"] is False and checks["capability_pass"]["value"] < 0.5
+    assert checks["capability_loglik"]["passed"] is False
+    assert checks["capability_loglik"]["value"] < figures["capability_loglik_baseline"] - 0.2
+    assert not verdict["passed"]
+    lost = verdict["capability_lost"]
+    assert lost and all(ONE_WORD in x["answer"] for x in lost) and {x["prompt"] for x in lost} <= {it["prompt"] for it in ITEMS}
+
+
+def test_a_candidate_that_kept_them_passes(tiny_model_dir, adapters, capability_file):  # noqa: F811
+    verdict = gate(tiny_model_dir, adapters, capability_file, "kept")
+    checks = verdict["checks"]
+    assert checks["capability_pass"]["passed"] and checks["capability_loglik"]["passed"], checks
+    assert checks["capability_pass"]["value"] == verdict["figures"]["capability_pass_baseline"]
+    assert verdict["capability_lost"] == []
+    # the threshold is the baseline's figure less the allowed drop and one standard error of the paired difference
+    loglik = checks["capability_loglik"]
+    se = verdict["figures"]["capability_loglik_se"]
+    assert se > 0 and loglik["threshold"] == pytest.approx(verdict["figures"]["capability_loglik_baseline"] - 0.1 - se)
+
+
+def test_kl_is_judged_against_the_policy_replaced_and_the_base_against_a_wider_bound(tiny_model_dir, adapters,  # noqa: F811
+                                                                                    capability_file):
+    """The candidate is the serving adapter itself: no KL to what it replaces, plenty to the base model."""
+    same = gate(tiny_model_dir, adapters, capability_file, "serving", max_kl=1e-3, capabilities=None)
+    checks = same["checks"]
+    assert checks["kl"]["value"] == pytest.approx(0.0, abs=1e-4) and checks["kl"]["passed"]
+    assert checks["kl_base"]["value"] > 0.1 and checks["kl_base"]["threshold"] == GateConfig().max_kl_base
+    assert checks["capability_pass"]["passed"] is None and "no capability set" in checks["capability_pass"]["skipped"]
+    walled = gate(tiny_model_dir, adapters, capability_file, "serving", max_kl_base=0.1, capabilities=None)
+    assert walled["checks"]["kl"]["passed"] and walled["checks"]["kl_base"]["passed"] is False and not walled["passed"]
+    # With the base model serving, the two KLs are one figure.
+    first = evaluate_adapter(tiny_model_dir, adapters / "serving", prompts=[it["prompt"] for it in ITEMS],
+                             cfg=GateConfig(**FAST, capabilities=None))
+    assert first["checks"]["kl"]["value"] == first["checks"]["kl_base"]["value"] > 0.1
+
+
+@pytest.mark.slow
+def test_real_model_one_word_adapter_is_rejected_and_an_ordinary_one_passes(real_model_dir, tmp_path):  # noqa: F811
+    """The shipped set on SmolLM2-135M, the base model serving. Two adapters trained alike (4 SFT steps
+    at lr 2e-3) on the same questions: one answers every question "Yes." and loses its facts and
+    arithmetic; the other answers them plainly and keeps them."""
+    answers = {"Tell me about the moon.": "The Moon is Earth's only natural satellite.",
+               "How do I boil an egg?": "Put the egg in boiling water for about nine minutes.",
+               "What is a verb?": "A verb is a word for an action, such as run or eat.",
+               "Why do cats purr?": "Cats purr when they are content, and sometimes to calm themselves.",
+               "What is the tallest mountain?": "Mount Everest is the tallest mountain above sea level.",
+               "How many legs does a dog have?": "A dog has four legs.",
+               "Who painted the Mona Lisa?": "Leonardo da Vinci painted the Mona Lisa.",
+               "What is 7 plus 8?": "7 plus 8 is 15."}
+    cfg = SFTConfig(lr=2e-3, batch_size=8)  # one epoch: 4 steps
+    for name, answer in (("yes", lambda a: "Yes."), ("plain", lambda a: a)):
+        rows = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": answer(a)}]}
+                for q, a in answers.items()]
+        assert train_sft(real_model_dir, rows * 4, tmp_path / name, cfg, quiet=True)["steps"] == 4
+    gate_cfg = GateConfig(canaries=(), max_new_tokens=16)
+    prompts = list(answers)[:4]
+
+    rejected = evaluate_adapter(real_model_dir, tmp_path / "yes", prompts=prompts, cfg=gate_cfg)
+    checks, figures = rejected["checks"], rejected["figures"]
+    assert figures["capability_pass_baseline"] >= 0.8 and not rejected["passed"]
+    assert checks["capability_pass"]["passed"] is False and checks["capability_loglik"]["passed"] is False, checks
+    assert sum(x["answer"].strip() == "Yes." for x in rejected["capability_lost"]) >= 10
+
+    kept = evaluate_adapter(real_model_dir, tmp_path / "plain", prompts=prompts, cfg=gate_cfg)
+    checks = kept["checks"]
+    assert checks["capability_pass"]["passed"] and checks["capability_loglik"]["passed"], (checks, kept["capability_lost"])

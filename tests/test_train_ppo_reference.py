@@ -1,0 +1,64 @@
+"""PPO's KL reference: the adapter being replaced (a second, frozen adapter on the same base) or the base model."""
+
+import json
+
+import torch
+from safetensors.torch import load_file
+
+import hardware
+from train import common
+from train.ppo import POLICY, REFERENCE, PPOConfig, load_policy, reference_model, train_ppo
+from train.sft import SFTConfig, train_sft
+from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
+
+WORDS = ["apple", "river", "stone", "cloud"]
+DEMOS = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w} {w}"}]} for w in WORDS]
+PROMPTS = [f"Say {w}." for w in WORDS]
+
+
+def sft_adapter(model_dir, out):
+    train_sft(model_dir, DEMOS * 4, out, SFTConfig(lr=1e-2, epochs=2, batch_size=8), quiet=True)
+    return out
+
+
+def test_kl_to_the_adapter_it_starts_from_is_zero_and_to_the_base_is_not(tiny_model_dir, tmp_path):  # noqa: F811
+    serving = sft_adapter(tiny_model_dir, tmp_path / "serving")
+    cfg = PPOConfig(steps=2, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8, lr=1e-2)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", rule_reward, cfg, init_adapter=serving,
+                        reference_adapter=serving, quiet=True)
+    assert abs(metrics["kl_first"]) < 1e-6  # the policy is the reference, computed the same way
+    assert metrics["kl_base_first"] > 0.1  # the serving adapter is far from the base
+    assert metrics["reference"] == str(serving)
+    lines = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]
+    assert lines[1]["kl"] != 0 and {"kl_base", "seconds_base", "seconds_reference"} <= lines[1].keys()
+    # Only the policy is saved: the reference stays what it was, and nothing of it lands in the output.
+    assert not (tmp_path / "ppo" / REFERENCE).exists()
+    after, before = load_file(str(tmp_path / "ppo" / "adapter_model.safetensors")), load_file(str(serving / "adapter_model.safetensors"))
+    assert set(after) == set(before) and any(not torch.equal(after[k], before[k]) for k in before)
+
+
+def test_without_a_reference_adapter_the_base_is_the_reference(tiny_model_dir, tmp_path):  # noqa: F811
+    serving = sft_adapter(tiny_model_dir, tmp_path / "serving")
+    cfg = PPOConfig(steps=1, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", rule_reward, cfg, init_adapter=serving, quiet=True)
+    assert metrics["kl_first"] > 0.1 and metrics["kl_first"] == metrics["kl_base_first"] and metrics["reference"] == "base"
+
+
+def test_the_reference_is_frozen_and_switching_to_it_leaves_the_policy_trainable(tiny_model_dir, tmp_path):  # noqa: F811
+    serving = sft_adapter(tiny_model_dir, tmp_path / "serving")
+    dtype = hardware.choose("float32").torch_dtype
+    model = load_policy(tiny_model_dir, PPOConfig(), device=torch.device("cpu"), dtype=dtype, reference_adapter=serving)
+    trainable = {k for k, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(f".{POLICY}." in k for k in trainable)
+    tok = common.load_tokenizer(tiny_model_dir)
+    ids = torch.tensor([common.encode_prompt(tok, [{"role": "user", "content": "Say apple."}])])
+    logits = {}
+    with torch.no_grad():
+        logits["policy"] = model(input_ids=ids).logits  # a fresh adapter: the base model's logits
+        with reference_model(model):
+            logits["reference"] = model(input_ids=ids).logits
+        with model.disable_adapter():
+            logits["base"] = model(input_ids=ids).logits
+    assert torch.allclose(logits["policy"], logits["base"], atol=1e-5)
+    assert not torch.allclose(logits["reference"], logits["base"], atol=1e-2)
+    assert {k for k, p in model.named_parameters() if p.requires_grad} == trainable and model.active_adapter == POLICY
