@@ -1,18 +1,24 @@
-"""PPO throughput and peak memory: loopchat's trainer against trl 1.9.2's PPOTrainer, same run.
+"""PPO throughput and peak memory: loopchat's trainer against trl 1.9.2's PPOTrainer, same run, same dtype.
 
 Both sides get the same model, prompts, batch (16), response length (64), 1 PPO epoch and
-2 minibatches, sampling at temperature 0.7, and run `--iterations` PPO iterations. TRL gets
-what its trainer needs: a LoRA policy (the reference is the policy with the adapter off, as in
-ours), a separate value model and a separate reward model (both sequence-classification copies
-of the base). Ours: one model, a value head on the policy's trunk, and a reward model that is
-base + LoRA + head (trained for one step here; its scores do not matter for throughput).
+2 minibatches, sampling at temperature 0.7, compute in `--dtype` (float32 or bfloat16), and run
+`--iterations` PPO iterations. TRL gets what its trainer needs: a LoRA policy (the reference is the
+policy with the adapter off, as in ours), a separate value model and a separate reward model (both
+sequence-classification copies of the base). Ours: one model, a value head on the policy's trunk,
+and a reward model that is base + LoRA + head (trained for one step here; its scores do not matter
+for throughput). What else differs in the work done: TRL takes the old log-probs from the sampling
+pass's own logits, ours recomputes them in one no-grad pass on the same batch layout as the
+reference's; TRL's passes run the LM head at every position, ours only at response positions.
 
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; the time counted
-is the PPO loop only (model loading excluded on both sides). With `--repeats N` the sides
-alternate N times and each keeps its best run, which damps noise from other load on the box. TRL is a benchmark-only
-dependency: `pip install trl==1.9.2`.
+is the PPO loop only (model loading excluded on both sides), as wall-clock seconds and as the
+process's CPU seconds (all threads): on a machine shared with other work the wall-clock ratio
+moves with the neighbours' load, the CPU-time ratio much less. For ours it also prints where each
+iteration's time goes (sampling, scoring, policy pass, reference pass, update). With `--repeats N`
+the sides alternate N times and each keeps its best run. TRL is a benchmark-only dependency:
+`pip install trl==1.9.2`.
 
-    .venv/bin/python bench/ppo_vs_trl.py [--model DIR] [--iterations 2] [--repeats 1] [--trl-dtype float32]
+    .venv/bin/python bench/ppo_vs_trl.py [--model DIR] [--iterations 2] [--repeats 1] [--dtype float32|bfloat16]
 """
 
 from __future__ import annotations
@@ -44,19 +50,29 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_ours(model_dir: Path, iterations: int, work: Path) -> dict:
+PHASES = ("generate", "score", "policy", "reference", "update")
+
+
+def cpu_seconds() -> float:
+    """This process's CPU time, all threads: the work done, whatever else the machine runs."""
+    return time.process_time()
+
+
+def run_ours(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
     from train.ppo import PPOConfig, train_ppo
     from train.reward import RewardConfig, RewardModel, train_reward_model
 
     pairs = [{"prompt": [{"role": "user", "content": p}], "chosen": "Sure.", "rejected": "No."} for p in PROMPTS[:4]]
     train_reward_model(model_dir, pairs, work / "rm", RewardConfig(max_steps=1, eval_fraction=0), quiet=True)
-    rm = RewardModel(work / "rm", model_dir)
+    rm = RewardModel(work / "rm", model_dir, dtype=dtype)
     cfg = PPOConfig(steps=iterations, batch_size=BATCH, minibatches=MINIBATCHES, ppo_epochs=EPOCHS, max_new_tokens=RESPONSE_LEN,
-                    temperature=TEMPERATURE, lr=LR)
+                    temperature=TEMPERATURE, lr=LR, dtype=dtype)
     train_ppo(model_dir, PROMPTS, work / "ppo", rm, cfg, quiet=True)
     steps = [json.loads(line) for line in (work / "ppo" / "metrics.jsonl").read_text().splitlines()]
-    seconds = sum(s["seconds"] for s in steps)
-    return {"episodes": BATCH * len(steps), "seconds": seconds, "dtype": hardware.choose().dtype}
+    per_step = {f"{kind}_{k}": round(sum(s[f"{kind}_{k}"] for s in steps) / len(steps), 2)
+                for kind in ("seconds", "cpu_seconds") for k in PHASES}
+    return {"episodes": BATCH * len(steps), "seconds": sum(s["seconds"] for s in steps),
+            "cpu_seconds": sum(s["cpu_seconds"] for s in steps), "dtype": dtype, "per_step": per_step}
 
 
 def run_trl(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
@@ -85,23 +101,25 @@ def run_trl(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
     lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward, train_dataset=dataset,
                          value_model=value, peft_config=lora)
-    started = time.monotonic()
+    started, started_cpu = time.monotonic(), cpu_seconds()
     trainer.train()
-    return {"episodes": BATCH * iterations, "seconds": time.monotonic() - started, "dtype": dtype}
+    return {"episodes": BATCH * iterations, "seconds": time.monotonic() - started, "cpu_seconds": cpu_seconds() - started_cpu,
+            "dtype": dtype}
 
 
 def worker(args) -> None:
     with tempfile.TemporaryDirectory() as work:
         if args.worker == "ours":
-            result = run_ours(args.model, args.iterations, Path(work))
+            result = run_ours(args.model, args.iterations, Path(work), args.dtype)
         else:
-            result = run_trl(args.model, args.iterations, Path(work), args.trl_dtype)
-    result.update(samples_per_s=result["episodes"] / result["seconds"], peak_rss_mb=peak_rss_mb())
+            result = run_trl(args.model, args.iterations, Path(work), args.dtype)
+    result.update(samples_per_s=result["episodes"] / result["seconds"], samples_per_cpu_s=result["episodes"] / result["cpu_seconds"],
+                  peak_rss_mb=peak_rss_mb())
     print("RESULT " + json.dumps(result), flush=True)
 
 
 def run_side(side: str, args) -> dict:
-    cmd = [sys.executable, __file__, "--worker", side, "--model", str(args.model), "--iterations", str(args.iterations), "--trl-dtype", args.trl_dtype]
+    cmd = [sys.executable, __file__, "--worker", side, "--model", str(args.model), "--iterations", str(args.iterations), "--dtype", args.dtype]
     # Passive OpenMP waiting: on a box shared with other busy processes, spinning threads slow
     # torch down ~3x; both sides get the same setting.
     env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, "TRL_EXPERIMENTAL_SILENCE": "1", "TQDM_DISABLE": "1"}
@@ -117,7 +135,7 @@ def main() -> None:
     p.add_argument("--model", type=Path, default=None, help="HF checkpoint (default: the prepared SmolLM2-135M-Instruct)")
     p.add_argument("--iterations", type=int, default=2)
     p.add_argument("--repeats", type=int, default=1, help="alternate the sides this many times; keep each side's best")
-    p.add_argument("--trl-dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="both sides compute in this dtype")
     p.add_argument("--worker", choices=["ours", "trl"], help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.model is None:
@@ -133,17 +151,24 @@ def main() -> None:
     for _ in range(args.repeats):
         for side in runs:
             runs[side].append(run_side(side, args))
-            print(f"{side}: {runs[side][-1]}", flush=True)
-    trl_side, ours = (max(runs[side], key=lambda r: r["samples_per_s"]) for side in ("trl", "ours"))
+            print(f"{side}: {runs[side][-1]} (load average {os.getloadavg()[0]:.1f})", flush=True)
+    best = {side: max(runs[side], key=lambda r: r["samples_per_s"]) for side in runs}
+    best_cpu = {side: max(runs[side], key=lambda r: r["samples_per_cpu_s"]) for side in runs}
+    peak = {side: max(r["peak_rss_mb"] for r in runs[side]) for side in runs}
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     print(f"device: {device}; machine: {json.dumps(hardware.describe())}")
-    print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations, best of {args.repeats}")
-    print(f"{'':<10} {'samples/s':>10} {'seconds':>9} {'peak RSS MB':>12}  dtype")
-    for name, r in (("loopchat", ours), ("trl 1.9.2", trl_side)):
-        print(f"{name:<10} {r['samples_per_s']:>10.3f} {r['seconds']:>9.1f} {r['peak_rss_mb']:>12.0f}  {r['dtype']}")
-    print(f"throughput ratio (loopchat / trl): {ours['samples_per_s'] / trl_side['samples_per_s']:.2f}x")
-    print(f"peak memory ratio (loopchat / trl): {ours['peak_rss_mb'] / trl_side['peak_rss_mb']:.2f}x")
-
+    print(f"batch {BATCH}, response length {RESPONSE_LEN}, {EPOCHS} PPO epoch, {MINIBATCHES} minibatches, {args.iterations} iterations, "
+          f"best of {args.repeats}")
+    print(f"{'':<10} {'samples/s':>10} {'seconds':>9} {'samples/CPU-s':>14} {'CPU seconds':>12} {'peak RSS MB':>12}  dtype")
+    for name, side in (("loopchat", "ours"), ("trl 1.9.2", "trl")):
+        r, c = best[side], best_cpu[side]
+        print(f"{name:<10} {r['samples_per_s']:>10.3f} {r['seconds']:>9.1f} {c['samples_per_cpu_s']:>14.3f} {c['cpu_seconds']:>12.1f} "
+              f"{peak[side]:>12.0f}  {r['dtype']}")
+    for kind in ("seconds", "cpu_seconds"):
+        print(f"loopchat {kind} per PPO iteration: " + ", ".join(f"{k} {best_cpu['ours']['per_step'][f'{kind}_{k}']:.2f}" for k in PHASES))
+    print(f"throughput ratio (loopchat / trl): {best['ours']['samples_per_s'] / best['trl']['samples_per_s']:.2f}x wall-clock, "
+          f"{best_cpu['ours']['samples_per_cpu_s'] / best_cpu['trl']['samples_per_cpu_s']:.2f}x per CPU-second")
+    print(f"peak memory ratio (loopchat / trl): {peak['ours'] / peak['trl']:.2f}x")
 
 if __name__ == "__main__":
     main()
