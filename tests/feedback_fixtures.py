@@ -15,3 +15,12 @@ def add_completion(store: Store, completion_id: str, user: str = "alice", prompt
         "params": {"max_tokens": 8}, "status": "complete",
     })
     return completion_id
+
+
+def vote_shorter(store: Store, n: int) -> None:
+    """n comparisons, each voted for its shorter answer."""
+    for i in range(n):
+        prompt = f"Question {i}: what is {i} plus {i}?"
+        a = add_completion(store, f"a{i}", prompt=prompt, answers=(f"{2 * i}.",))
+        b = add_completion(store, f"b{i}", prompt=prompt, answers=(f"Well, {i} plus {i} needs a long think first.",))
+        store.vote("alice", store.create_comparison("alice", a, b), "a")

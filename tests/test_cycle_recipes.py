@@ -5,7 +5,7 @@ base` starts every cycle from the base model."""
 
 import httpx
 import pytest
-from feedback_fixtures import add_completion
+from feedback_fixtures import vote_shorter
 from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtures)
 
 from feedback import Store, cycles
@@ -23,15 +23,6 @@ TINY = {
 }
 
 
-def fill(store: Store, n: int = 16) -> None:
-    """n comparisons, each voted for its shorter answer."""
-    for i in range(n):
-        prompt = f"Question {i}: what is {i} plus {i}?"
-        a = add_completion(store, f"a{i}", prompt=prompt, answers=(f"{2 * i}.",))
-        b = add_completion(store, f"b{i}", prompt=prompt, answers=(f"Well, {i} plus {i} needs a long think first.",))
-        store.vote("alice", store.create_comparison("alice", a, b), "a")
-
-
 def cycle(store: Store, tiny_model_dir, adapters_dir, gateway_url=None, recipe=None, **overrides) -> dict:  # noqa: F811
     cfg = CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": adapters_dir, "gateway_url": gateway_url},
                                 {**TINY, **overrides})
@@ -40,7 +31,7 @@ def cycle(store: Store, tiny_model_dir, adapters_dir, gateway_url=None, recipe=N
 
 def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, tiny_model_dir, tmp_path):  # noqa: F811
     store = fake_gateway.store
-    fill(store)
+    vote_shorter(store, 16)
     first = cycle(store, tiny_model_dir, tmp_path / "adapters", fake_gateway.url)
     assert first["state"] == "promoted", first["error"]
     assert first["recipe"] == "rlhf" and cycles.serving_version(store)[0] == "v1"
@@ -74,7 +65,7 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
 
 def test_sft_recipe_runs_no_ppo_and_init_base_starts_from_the_base(tiny_model_dir, tmp_path):  # noqa: F811
     store = Store(tmp_path / "loopchat.db")
-    fill(store)
+    vote_shorter(store, 16)
     adapters = tmp_path / "adapters"
     sft = cycle(store, tiny_model_dir, adapters, recipe="sft")
     assert sft["state"] == "published" and sft["recipe"] == "sft", sft["error"]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from feedback_fixtures import add_completion
+from feedback_fixtures import vote_shorter
 
 from feedback import Store, cycles
 from train.budget import Pace, plan_steps
@@ -122,20 +122,11 @@ def test_step_budgets_are_shares_of_the_time_left():
     assert step_budget("ppo", -5) == 0.0
 
 
-def fill(store: Store, n: int = 24) -> None:
-    """n comparisons, each voted for its shorter answer."""
-    for i in range(n):
-        prompt = f"Question {i}: what is {i} plus {i}?"
-        a = add_completion(store, f"a{i}", prompt=prompt, answers=(f"{2 * i}.",))
-        b = add_completion(store, f"b{i}", prompt=prompt, answers=(f"Well, {i} plus {i} needs a long think first.",))
-        store.vote("alice", store.create_comparison("alice", a, b), "a")
-
-
 def test_a_cycle_records_its_budget_and_what_each_step_chose(tiny_model_dir, tmp_path):  # noqa: F811
     from loopchat.commands.loop import show
 
     store = Store(tmp_path / "loopchat.db")
-    fill(store)
+    vote_shorter(store, 24)
     overrides = {"cycle_minutes": 1e-4,  # 6 ms: every step at its floor
                  "sft": {"max_steps": 6, "batch_size": 4, "max_len": 128},
                  "rm": {"max_steps": 6, "batch_size": 4, "max_len": 128},

@@ -69,16 +69,23 @@ def simulate(ctx, prompts, out, **opts):
         if given:
             raise click.UsageError(f"put --{given[0].replace('_', '-')} after `{ctx.invoked_subcommand}`")
         return
-    from loopchat.simulate import DEFAULT_PROMPTS, SimSettings, SimulationError, simulate as run, table
+    from loopchat.simulate import DEFAULT_PROMPTS, SimSettings, simulate as run, table
 
     settings = SimSettings(prompts=prompts or DEFAULT_PROMPTS, out=out, **opts)
+    _run(run, settings, table, f"report: {out / 'report.json'}, plot: {out / 'report.png'}" if out else None)
+
+
+def _run(run, settings, render, written: str | None) -> None:
+    """Run a simulation with its log on stderr, print its summary, and say where its report went."""
+    from loopchat.simulate import SimulationError
+
     try:
         report = run(settings, log=lambda line: click.echo(line, err=True))
     except SimulationError as e:
         raise click.ClickException(str(e)) from e
-    click.echo(table(report))
-    if out:
-        click.echo(f"report: {out / 'report.json'}, plot: {out / 'report.png'}")
+    click.echo(render(report))
+    if written:
+        click.echo(written)
 
 
 @simulate.command("canary")
@@ -98,14 +105,8 @@ def canary(prompts, out, **opts):
     """Many simulated users chat with `loopchat`, rate what they are served and vote, until the canary is decided.
 
     Needs an open-mode gateway (each user names itself; a key would make them all one user)."""
-    from loopchat.simulate import DEFAULT_PROMPTS, SimulationError
+    from loopchat.simulate import DEFAULT_PROMPTS
     from loopchat.simulate_canary import CanarySettings, drive, summary
 
     settings = CanarySettings(prompts=prompts or DEFAULT_PROMPTS, out=out, **opts)
-    try:
-        report = drive(settings, log=lambda line: click.echo(line, err=True))
-    except SimulationError as e:
-        raise click.ClickException(str(e)) from e
-    click.echo(summary(report))
-    if out:
-        click.echo(f"report: {out / 'canary.json'}")
+    _run(drive, settings, summary, f"report: {out / 'canary.json'}" if out else None)
