@@ -52,11 +52,13 @@ def vllm_requests_done(url: str) -> float:
 
 @pytest.fixture(scope="module")
 def replicas(model_dir, tmp_path_factory):
-    """Two vLLM servers started the way loopchat starts its own (1 GiB of KV cache each)."""
+    """Two vLLM servers started the way loopchat starts its own (1 GiB of KV cache each), but not pinned:
+    vLLM's CPU backend pins each server's worker to the same core by default, and on a 2-core machine a
+    restarted replica's worker then starved behind the other's busy one (0.8 s of CPU in 12 minutes)."""
     logs = tmp_path_factory.mktemp("replicas")
     dtype = hardware.choose().dtype
     procs = [VLLMProcess(model_dir, model_dir.name, free_port(), logs / f"r{i}", 2048, dtype, 16, None, False,
-                         env={"VLLM_CPU_KVCACHE_SPACE": "1"}) for i in range(2)]
+                         env={"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_CPU_OMP_THREADS_BIND": "nobind"}) for i in range(2)]
     try:
         for p in procs:
             p.spawn()
