@@ -62,7 +62,7 @@ def test_compare_rank_four_answers_then_pick_the_best_of_two(vllm_gateway, open_
     assert (ranked["choice"], json.loads(ranked["ranking"])) == ("b", [["b"], ["d"], ["a"], ["c"]])
     for c in ranked["candidates"]:
         expect(page.locator(f"#author-{c['label']}")).to_contain_text(f"Written by {c['served_by']} ({c['origin']})")
-    pairs = [p for p in build_pairs(Store(vllm_gateway.db_path)) if p["meta"]["group"] == ranked["id"]]
+    pairs = [p for p in build_pairs(Store(vllm_gateway.db_path)) if p["meta"].get("group") == ranked["id"]]
     assert len(pairs) == 6  # C(4,2): sampled answers differ
     assert sorted(p["meta"]["rank_gap"] for p in pairs) == [1, 1, 1, 2, 2, 3]
     expect(page.locator("#compare-a")).to_be_disabled()

@@ -66,4 +66,6 @@ class Confirmation:
             return None, gr.update(visible=False), action.done(*values)
 
         ran = self.confirm.click(run, [auth, self.pending], [self.pending, self.row, self.status])
-        ran.then(refresh, refresh_inputs, outputs)
+        # always_last: an action confirmed while the previous one's refresh still draws its plots must
+        # refresh too (Gradio's default, once, drops a trigger that comes while the event is pending)
+        ran.then(refresh, refresh_inputs, outputs, trigger_mode="always_last")
