@@ -43,15 +43,24 @@ class SimulationError(Exception):
 
 
 @dataclass
-class SimSettings:
+class Population:
+    """Who the simulated users are: the gateway they use, what they ask, what they prefer, how noisily."""
+
     gateway: str = "http://127.0.0.1:8000"
-    api_key: str | None = None
-    user: str = "simulated-users"  # open mode: the X-Loopchat-User name (keyed: the key names the user)
     prompts: Path = DEFAULT_PROMPTS
     preference: str = "concise"
     score: str | None = None
     noise: float = 0.1
     threshold: float = 0.5
+
+    def as_dict(self) -> dict:
+        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "api_key"}
+
+
+@dataclass
+class SimSettings(Population):
+    api_key: str | None = None
+    user: str = "simulated-users"  # open mode: the X-Loopchat-User name (keyed: the key names the user)
     correction_rate: float = 0.2
     cycles: int = 3
     recipe: str | None = None  # sent with each cycle request; None: the worker's default
@@ -67,9 +76,6 @@ class SimSettings:
     cycle_timeout: float = 3600.0
     poll_s: float = 3.0
     out: Path | None = None
-
-    def as_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items() if k != "api_key"}
 
 
 # ---- prompts -------------------------------------------------------------------------------

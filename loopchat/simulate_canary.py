@@ -19,25 +19,19 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from loopchat.simulate import (DEFAULT_PROMPTS, LABELS, Gateway, Judge, Log, SimulationError, load_judge, load_prompts,
+from loopchat.simulate import (LABELS, Gateway, Judge, Log, Population, SimulationError, load_judge, load_prompts,
                                prompt_text)
 
 ARMS = ("canary", "baseline")
 
 
 @dataclass
-class CanarySettings:
-    gateway: str = "http://127.0.0.1:8000"
+class CanarySettings(Population):
     version: str | None = None  # put this version on canary first; None: drive the canary that is running
     share: float = 0.5  # of users, when starting one
-    prompts: Path = DEFAULT_PROMPTS
-    preference: str = "concise"
-    score: str | None = None
-    noise: float = 0.1
-    threshold: float = 0.5
     users: int = 60
     vote_share: float = 0.2  # of interactions that are a comparison to vote on rather than a rated answer
     rank_k: int = 2
@@ -48,9 +42,6 @@ class CanarySettings:
     timeout: float = 1800.0  # seconds to wait for a decision
     poll_s: float = 2.0
     out: Path | None = None
-
-    def as_dict(self) -> dict:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
 
 
 @dataclass
