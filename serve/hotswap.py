@@ -259,7 +259,9 @@ class Follower:
 
 def _number(name: str) -> int:
     """policy-v3 -> 3; the base model -> 0."""
-    return int(name[len("policy-v"):]) if name.startswith("policy-v") and name[len("policy-v"):].isdigit() else 0
+    prefix = cycles.engine_name("v")  # one place spells the engine names
+    rest = name[len(prefix):]
+    return int(rest) if name.startswith(prefix) and rest.isdigit() else 0
 
 
 def _canary_text(route: Route) -> str:
