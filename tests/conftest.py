@@ -89,6 +89,21 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if "--engine-url" in self.args:
+            self._release_adapters(self.args[self.args.index("--engine-url") + 1])
+
+    def _release_adapters(self, engine_url: str) -> None:
+        """Unload from a shared vLLM server the adapters this data dir loaded. A gateway that stops
+        leaves its adapters loaded (others may serve them); in tests, where gateways with their own
+        data dirs share one server, the next one's `policy-v1` would clash with ours (409)."""
+        try:
+            models = httpx.get(engine_url + "/v1/models", timeout=30).json()["data"]
+        except httpx.ConnectError:
+            return  # a server that is down holds nothing
+        ours = [m["id"] for m in models if Path(m["root"]).resolve().is_relative_to(self.data_dir.resolve())]
+        for name in ours:
+            r = httpx.post(engine_url + "/v1/unload_lora_adapter", json={"lora_name": name}, timeout=60)
+            assert r.status_code in (200, 404), r.text
 
     def db(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.db_path, timeout=10)

@@ -259,7 +259,7 @@ def test_simulation_end_to_end(sim_service, tmp_path):
     assert set(one["timings"]) >= {"feedback_s", "cycle_s", "eval_s"}
 
     cycle = one["cycle"]
-    assert cycle["state"] in ("promoted", "rejected"), cycle
+    assert cycle["state"] in ("promoted", "rejected"), f"{cycle}\n--- worker ---\n{sim_service.worker_log.read_text()[-3000:]}"
     assert set(cycle["steps"]) >= {"building_data", "sft", "reward_model", "ppo", "evaluating"}
     assert cycle["n_pairs"] >= 4 and cycle["version"] == "v1"
     assert cycle["kl"] is not None and "rm_accuracy" in cycle
