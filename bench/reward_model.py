@@ -151,6 +151,7 @@ VARIANTS = {
     "baseline": ({"epochs": 2, "batch_size": 8}, False),  # today's cycle config on independent pairs
     "grouped": ({"epochs": 2, "batch_size": 2}, True),
     "grouped_smooth": ({"epochs": 2, "batch_size": 2, "label_smoothing": 0.1}, True),
+    "grouped_mean": ({"epochs": 2, "batch_size": 2, "pool": "last_mean"}, True),
 }
 
 

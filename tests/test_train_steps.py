@@ -13,7 +13,7 @@ from train import common
 from train.artifacts import check_adapter, list_versions, load_manifest
 from train.evaluate import GateConfig, evaluate_adapter
 from train.ppo import VALUE_HEAD_FILE, PPOConfig, train_ppo
-from train.reward import RewardConfig, RewardModel, train_reward_model, value_head_init
+from train.reward import RewardConfig, RewardModel, encode_pair, train_reward_model, value_head_init
 from train.sft import SFTConfig, make_examples, train_sft
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -75,6 +75,30 @@ def test_reward_model_trains_normalises_and_feeds_the_value_head(rm_run, tiny_mo
     raw = rm.raw(prompts[:2], answers[:2])
     assert weight.shape == (64,) and torch.allclose((raw - rm.stats["mean"]) / rm.stats["std"], rm(prompts[:2], answers[:2]))
     assert bias == pytest.approx(-rm.stats["mean"] / rm.stats["std"])
+
+
+def test_reward_model_reading_the_mean_of_the_reply(rm_run, tiny_model_dir, tmp_path, caplog):
+    metrics = train_reward_model(tiny_model_dir, PAIRS * 2, tmp_path / "mean",
+                                 RewardConfig(lr=1e-2, epochs=2, batch_size=4, pool="last_mean"), eval_records=PAIRS[:2], quiet=True)
+    assert metrics["train_accuracy"] >= 0.75
+    rm = RewardModel(tmp_path / "mean", tiny_model_dir)
+    prompt, reply = PAIRS[0]["prompt"], PAIRS[0]["chosen"][0]["content"]
+    # By hand: head 0 on the last token's state plus head 1 on the mean over the reply's tokens only.
+    ids, n_reply = encode_pair(rm.tokenizer, prompt, reply, 1024)
+    assert rm.tokenizer.decode(ids[-n_reply:]) == reply + rm.tokenizer.eos_token
+    trunk, head = common.backbone_and_head(rm.model)
+    with torch.no_grad():
+        hidden = trunk(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
+    by_hand = head(hidden[-1])[0] + head(hidden[-n_reply:].mean(0))[1]
+    assert float(rm.raw([prompt], [reply])[0]) == pytest.approx(float(by_hand), abs=1e-3)
+    assert value_head_init(tmp_path / "mean")[0].shape == (64,)
+
+    caplog.set_level("WARNING", "loopchat.reward")
+    warm = train_reward_model(tiny_model_dir, PAIRS, tmp_path / "warm", RewardConfig(max_steps=1, pool="last_mean"),
+                              eval_records=PAIRS[:2], init_from=rm_run[0], quiet=True)
+    assert "init_from" not in warm and "training from scratch" in caplog.text  # a `last` model cannot seed it
+    with pytest.raises(ValueError, match="pool"):
+        RewardConfig(pool="max")
 
 
 def test_ppo_runs_logs_and_keeps_the_value_head_out_of_the_adapter(tiny_model_dir, rm_run, tmp_path):

@@ -137,15 +137,16 @@ def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n", encoding="utf-8")
 
 
-def load_lora_model(model_dir, *, device, dtype, lora=None, init_adapter=None, seq_cls: bool = False):
+def load_lora_model(model_dir, *, device, dtype, lora=None, init_adapter=None, heads: int = 0):
     """The base checkpoint with a trainable LoRA adapter: `init_adapter` (a peft adapter dir)
-    when given, else a fresh one from `lora` (a peft LoraConfig)."""
+    when given, else a fresh one from `lora` (a peft LoraConfig). `heads` > 0: a linear `score`
+    layer with that many outputs instead of the LM head (reward models)."""
     from peft import PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     quiet_transformers()
-    if seq_cls:
-        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=dtype)
+    if heads:
+        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=heads, dtype=dtype)
         base.score.float()  # a scalar head trained with Adam: keep it in full precision
     else:
         base = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype)

@@ -1,8 +1,12 @@
 """The reward model: the base model + a LoRA adapter + a scalar head, trained on preference pairs.
 
-r(prompt, response) is the head applied to the final hidden state of the last token of
-prompt + response + EOS (the chat template's generation prompt, then the reply as the policy
-would have generated it). The pairwise (Bradley-Terry) loss on d = r_chosen - r_rejected - margin is
+r(prompt, response) reads the final hidden states of prompt + response + EOS (the chat template's
+generation prompt, then the reply as the policy would have generated it). `pool` says which:
+`last`, a linear head on the last token's state; `last_mean`, that plus a second linear head on
+the mean of the reply's tokens' states (one `score` layer with two outputs). The last token sums
+up the answer as the model read it; the mean keeps what is spread evenly over the words (their
+register, their length) that a last-token head learns slowly from few pairs
+(bench/RESULTS.md, "Reward model at small data sizes"). The pairwise (Bradley-Terry) loss on d = r_chosen - r_rejected - margin is
 
     -(1 - eps) log sigmoid(d) - eps log sigmoid(-d) + center_coef * (r_chosen + r_rejected)^2
 
@@ -33,6 +37,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import random
 import time
@@ -47,6 +52,8 @@ from train import common, data
 from train.budget import FORWARD_SHARE, Pace
 from train.sft import lora_config
 
+logger = logging.getLogger("loopchat.reward")
+POOLS = {"last": 1, "last_mean": 2}  # pool -> outputs of the `score` layer
 STATS_FILE = "reward_stats.json"
 TRAINED_FILE = "trained_pairs.json"  # keys of the pairs a reward model has seen, for init_from
 
@@ -64,6 +71,7 @@ class RewardConfig:
     batch_size: int = 8  # groups (rankings; a lone pair is a group of one) per step
     max_len: int = 1024
     margin: float = 0.0
+    pool: str = "last"  # which hidden states the head reads: "last" or "last_mean" (module docstring)
     label_smoothing: float = 0.0  # the share of votes taken to be wrong (0.1 gained nothing at 10% noise)
     center_coef: float = 0.01
     stats_answers: int = 64  # training answers scored for the normalisation stats (and train_accuracy)
@@ -71,6 +79,10 @@ class RewardConfig:
     eval_fraction: float = 0.1  # held-out share of prompts when no eval set is given
     seed: int = 0
     dtype: str = "auto"
+
+    def __post_init__(self):
+        if self.pool not in POOLS:
+            raise ValueError(f"reward model pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -110,26 +122,35 @@ def pair_key(pair: dict) -> str:
     return hashlib.sha256(json.dumps([pair["prompt"], pair["chosen"], pair["rejected"]], sort_keys=True).encode()).hexdigest()[:20]
 
 
-def encode_pair(tokenizer, prompt: list[dict], response: str, max_len: int) -> list[int]:
-    """Prompt + response + EOS; a too-long prompt loses its beginning so the reply is always seen."""
-    return (common.encode_prompt(tokenizer, prompt) + common.encode_response(tokenizer, response))[-max_len:]
+def encode_pair(tokenizer, prompt: list[dict], response: str, max_len: int) -> tuple[list[int], int]:
+    """(prompt + response + EOS, how many of those ids are the reply's); a too-long prompt loses its
+    beginning so the reply is always seen."""
+    reply = common.encode_response(tokenizer, response)[-max_len:]
+    return (common.encode_prompt(tokenizer, prompt) + reply)[-max_len:], len(reply)
 
 
-def rewards(model, rows: list[list[int]], pad_id: int, device) -> torch.Tensor:
-    """Raw scalar rewards (float32) at each sequence's last token."""
-    ids = common.pad_right(rows, pad_id).to(device)
-    mask = common.pad_right([[1] * len(r) for r in rows], 0).to(device)
+def rewards(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool: str) -> torch.Tensor:
+    """Raw scalar rewards (float32) of `encode_pair` rows."""
+    ids = common.pad_right([r[0] for r in rows], pad_id).to(device)
+    mask = common.pad_right([[1] * len(r[0]) for r in rows], 0).to(device)
     trunk, head = common.backbone_and_head(model)
     hidden = common.last_hidden(trunk, ids, mask)
-    last = hidden[torch.arange(len(rows), device=device), mask.sum(-1) - 1]
-    return head(last.float()).squeeze(-1)
+    lengths = mask.sum(-1)
+    last = head(hidden[torch.arange(len(rows), device=device), lengths - 1].float())
+    if pool == "last":
+        return last.squeeze(-1)
+    at = torch.arange(ids.shape[1], device=device)
+    starts = lengths - torch.tensor([r[1] for r in rows], device=device)
+    reply = ((at >= starts[:, None]) & (at < lengths[:, None])).unsqueeze(-1)
+    mean = (hidden * reply).sum(1).float() / reply.sum(1)
+    return last[:, 0] + head(mean)[:, 1]
 
 
 @torch.no_grad()
-def score_all(model, tokenizer, prompts, responses, max_len: int, batch_size: int, device) -> torch.Tensor:
+def score_all(model, tokenizer, prompts, responses, max_len: int, batch_size: int, device, pool: str) -> torch.Tensor:
     model.eval()
     rows = [encode_pair(tokenizer, p, r, max_len) for p, r in zip(prompts, responses)]
-    out = [rewards(model, rows[i : i + batch_size], tokenizer.pad_token_id, device) for i in range(0, len(rows), batch_size)]
+    out = [rewards(model, rows[i : i + batch_size], tokenizer.pad_token_id, device, pool) for i in range(0, len(rows), batch_size)]
     return torch.cat(out).cpu() if out else torch.zeros(0)
 
 
@@ -264,13 +285,16 @@ def train_reward_model(
     if not train_pairs:
         raise data.DataError("no preference pairs to train on")
 
+    if init_from is not None and pool_of(init_from) != cfg.pool:
+        logger.warning("reward model: %s reads `%s`, this one `%s`: training from scratch", init_from, pool_of(init_from), cfg.pool)
+        init_from = None
     if init_from is not None:
-        model = common.load_lora_model(model_dir, device=device, dtype=dtype, init_adapter=init_from, seq_cls=True)
+        model = common.load_lora_model(model_dir, device=device, dtype=dtype, init_adapter=init_from, heads=POOLS[cfg.pool])
         listed = Path(init_from) / TRAINED_FILE  # absent from reward models trained before warm starts: all pairs are new
         seen = set(json.loads(listed.read_text())) if listed.is_file() else set()
     else:
         lora = lora_config(cfg, task_type="SEQ_CLS", modules_to_save=["score"])
-        model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora, seq_cls=True)
+        model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora, heads=POOLS[cfg.pool])
         seen = set()
     batches = GroupBatches(train_pairs, lambda prompt, text: encode_pair(tokenizer, prompt, text, cfg.max_len), cfg.batch_size)
     keys = [pair_key(p) for p in train_pairs]
@@ -295,7 +319,7 @@ def train_reward_model(
     while step < total:
         for batch in batches.epoch(gen, trained):
             model.train()
-            r = rewards(model, batch["rows"], tokenizer.pad_token_id, device)
+            r = rewards(model, batch["rows"], tokenizer.pad_token_id, device, cfg.pool)
             r_c, r_r = r[batch["chosen"]], r[batch["rejected"]]
             weight = batch["weight"].to(device)
             loss = pairwise_loss(r_c, r_r, cfg.margin, weight, cfg.label_smoothing, cfg.center_coef)
@@ -317,7 +341,7 @@ def train_reward_model(
 
     # Normalisation stats on a sample of training answers, with the final weights; then the held-out accuracy.
     def score(prompts, responses):
-        return score_all(model, tokenizer, prompts, responses, cfg.max_len, cfg.batch_size * 2, device)
+        return score_all(model, tokenizer, prompts, responses, cfg.max_len, cfg.batch_size * 2, device, cfg.pool)
 
     s_chosen, s_rejected, raw = score_pairs(score, stats_pairs)
     held = accuracy_figures(*score_pairs(score, eval_pairs)[:2])
@@ -337,7 +361,8 @@ def train_reward_model(
     if init_from is not None:
         metrics.update(init_from=str(init_from), new_pairs=sum(len(g) for g in new), replayed_pairs=sum(len(g) for g in replayed))
     model.save_pretrained(str(out_dir))
-    stats = {"base_model": str(Path(model_dir).resolve()), "mean": metrics["reward_mean"], "std": max(metrics["reward_std"], 1e-6)}
+    stats = {"base_model": str(Path(model_dir).resolve()), "pool": cfg.pool, "mean": metrics["reward_mean"],
+             "std": max(metrics["reward_std"], 1e-6)}
     common.write_json(out_dir / STATS_FILE, {**stats, "metrics": metrics})
     (out_dir / TRAINED_FILE).write_text(json.dumps(sorted(seen | set(keys))))
     common.write_json(out_dir / "train_config.json", {"step": "reward", "model": str(model_dir), **asdict(cfg)})
@@ -351,15 +376,20 @@ def load_stats(rm_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
+def pool_of(rm_dir: str | Path) -> str:
+    return load_stats(rm_dir).get("pool", "last")  # reward models from before `pool` read the last token
+
+
 def value_head_init(rm_dir: str | Path) -> tuple[torch.Tensor, float]:
     """(weight, bias) of a linear head that outputs the reward model's *normalised* score:
-    (w.h - mean) / std. PPO starts its value head from it."""
+    (w.h - mean) / std, with w its last-token head (a `last_mean` model's mean head has no
+    per-token counterpart). PPO starts its value head from it."""
     from safetensors.torch import load_file
 
     stats = load_stats(rm_dir)
     weights = load_file(str(Path(rm_dir) / "adapter_model.safetensors"))
     (w,) = [v for k, v in weights.items() if k.endswith("score.weight")]
-    return w.float().reshape(-1) / stats["std"], -stats["mean"] / stats["std"]
+    return w[0].float() / stats["std"], -stats["mean"] / stats["std"]
 
 
 class RewardModel:
@@ -374,7 +404,9 @@ class RewardModel:
         model_dir = model_dir or self.stats["base_model"]
         self.device = common.pick_device()
         common.quiet_transformers()
-        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=1, dtype=hardware.choose(dtype, self.device.type).torch_dtype)
+        self.pool = self.stats.get("pool", "last")
+        base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=POOLS[self.pool],
+                                                                  dtype=hardware.choose(dtype, self.device.type).torch_dtype)
         base.score.float()
         if base.config.pad_token_id is None:
             base.config.pad_token_id = base.config.eos_token_id
@@ -393,7 +425,7 @@ class RewardModel:
         return self.stats.get("metrics", {}).get("eval_pairs", 0)
 
     def raw(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
-        return score_all(self.model, self.tokenizer, prompts, responses, self.max_len, self.batch_size, self.device)
+        return score_all(self.model, self.tokenizer, prompts, responses, self.max_len, self.batch_size, self.device, self.pool)
 
     def score(self, prompts: list[list[dict]], responses: list[str]) -> torch.Tensor:
         """Normalised rewards, float32 on the CPU, one per (prompt, response)."""
