@@ -148,10 +148,13 @@ def ungrouped(pairs: list[dict]) -> list[dict]:
 
 # name: (RewardConfig overrides, whether pairs keep their ranking's group)
 VARIANTS = {
-    "baseline": ({"epochs": 2, "batch_size": 8}, False),  # today's cycle config on independent pairs
-    "grouped": ({"epochs": 2, "batch_size": 2}, True),
-    "grouped_smooth": ({"epochs": 2, "batch_size": 2, "label_smoothing": 0.1}, True),
-    "grouped_mean": ({"epochs": 2, "batch_size": 2, "pool": "last_mean"}, True),
+    "baseline": ({"epochs": 2, "batch_size": 8, "probe_l2": None}, False),  # the cycle's RM before groups
+    "grouped": ({"epochs": 2, "batch_size": 2, "probe_l2": None}, True),
+    "grouped_smooth": ({"epochs": 2, "batch_size": 2, "label_smoothing": 0.1, "probe_l2": None}, True),
+    "grouped_mean": ({"epochs": 2, "batch_size": 2, "pool": "last_mean", "probe_l2": None}, True),
+    "probe": ({"epochs": 0, "batch_size": 2, "pool": "last_mean"}, True),  # the linear probe alone
+    "probe_lora": ({"epochs": 2, "batch_size": 2, "pool": "last_mean"}, True),  # then LoRA steps from it
+    "probe_lora_slow": ({"epochs": 2, "batch_size": 2, "pool": "last_mean", "lr": 1e-4}, True),
 }
 
 

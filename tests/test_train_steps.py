@@ -90,8 +90,12 @@ def test_reward_model_reading_the_mean_of_the_reply(rm_run, tiny_model_dir, tmp_
     with torch.no_grad():
         hidden = trunk(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
     by_hand = head(hidden[-1])[0] + head(hidden[-n_reply:].mean(0))[1]
-    assert float(rm.raw([prompt], [reply])[0]) == pytest.approx(float(by_hand), abs=1e-3)
+    assert float(rm.raw([prompt], [reply])[0]) == pytest.approx(float(by_hand), rel=1e-3, abs=1e-3)
     assert value_head_init(tmp_path / "mean")[0].shape == (64,)
+
+    probe = train_reward_model(tiny_model_dir, PAIRS * 2, tmp_path / "probe", RewardConfig(epochs=0, pool="last_mean"),
+                               eval_records=PAIRS[:2], quiet=True)  # the linear probe alone, no LoRA step
+    assert probe["steps"] == 0 and probe["probe_answers"] == 16 and probe["train_accuracy"] >= 0.75
 
     caplog.set_level("WARNING", "loopchat.reward")
     warm = train_reward_model(tiny_model_dir, PAIRS, tmp_path / "warm", RewardConfig(max_steps=1, pool="last_mean"),

@@ -25,9 +25,14 @@ answers (`stats_answers`, in whole groups: scoring every answer overran the step
 coefficient keeps its scale. The held-out accuracy comes with its 95% Wilson interval
 (`accuracy_ci95`), since it is measured on few pairs.
 
+Before any gradient step the head is fit as a linear probe of the model's states (`fit_probe`,
+`probe_l2`): a convex fit over all training pairs at once. LoRA steps (`epochs`, `max_steps`)
+then go on from that head; `epochs=0` keeps the probe alone.
+
 `init_from` continues an earlier reward model (its LoRA and head): the pairs it was trained on
 (listed in its `trained_pairs.json`) are then only replayed, `replay` old groups per new group,
-so a cycle's cost grows with its new data rather than with all of it.
+so a cycle's cost grows with its new data rather than with all of it. The probe is refit on all
+pairs (one forward pass over them) when there are new ones.
 
 Saved as a peft adapter with the head in `modules_to_save=["score"]`, so PPO can initialise
 its value head from the reward head (see train.ppo).
@@ -71,6 +76,7 @@ class RewardConfig:
     batch_size: int = 8  # groups (rankings; a lone pair is a group of one) per step
     max_len: int = 1024
     margin: float = 0.0
+    probe_l2: float | None = 0.01  # first fit the head as a linear probe (fit_probe); None: start from its init
     pool: str = "last"  # which hidden states the head reads: "last" or "last_mean" (module docstring)
     label_smoothing: float = 0.0  # the share of votes taken to be wrong (0.1 gained nothing at 10% noise)
     center_coef: float = 0.01
@@ -129,21 +135,58 @@ def encode_pair(tokenizer, prompt: list[dict], response: str, max_len: int) -> t
     return (common.encode_prompt(tokenizer, prompt) + reply)[-max_len:], len(reply)
 
 
-def rewards(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool: str) -> torch.Tensor:
-    """Raw scalar rewards (float32) of `encode_pair` rows."""
+def features(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool: str) -> torch.Tensor:
+    """[rows, outputs of `score`, hidden] float32: the states each output of the head reads, for
+    `encode_pair` rows (output 0: the last token's; with `last_mean`, output 1: the reply's mean)."""
     ids = common.pad_right([r[0] for r in rows], pad_id).to(device)
     mask = common.pad_right([[1] * len(r[0]) for r in rows], 0).to(device)
-    trunk, head = common.backbone_and_head(model)
-    hidden = common.last_hidden(trunk, ids, mask)
+    hidden = common.last_hidden(common.backbone_and_head(model)[0], ids, mask)
     lengths = mask.sum(-1)
-    last = head(hidden[torch.arange(len(rows), device=device), lengths - 1].float())
+    last = hidden[torch.arange(len(rows), device=device), lengths - 1].float()
     if pool == "last":
-        return last.squeeze(-1)
+        return last[:, None]
     at = torch.arange(ids.shape[1], device=device)
     starts = lengths - torch.tensor([r[1] for r in rows], device=device)
     reply = ((at >= starts[:, None]) & (at < lengths[:, None])).unsqueeze(-1)
-    mean = (hidden * reply).sum(1).float() / reply.sum(1)
-    return last[:, 0] + head(mean)[:, 1]
+    return torch.stack([last, (hidden * reply).sum(1).float() / reply.sum(1)], 1)
+
+
+def rewards(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool: str) -> torch.Tensor:
+    """Raw scalar rewards (float32) of `encode_pair` rows: each output of the head on its states, summed."""
+    out = common.backbone_and_head(model)[1](features(model, rows, pad_id, device, pool))
+    return out.diagonal(dim1=1, dim2=2).sum(-1)
+
+
+def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, device) -> dict:
+    """Set the head to the best linear probe of the model's states as they are (no gradient
+    through the model): the weighted pairwise loss of the training loop plus `probe_l2` |w|^2
+    on standardised features, minimised by L-BFGS over all training pairs at once. A convex fit,
+    so it reaches its optimum in seconds where a few dozen LoRA steps on a few hundred noisy
+    pairs do not (bench/RESULTS.md, "Reward model at small data sizes")."""
+    every = batches.step(batches.groups)  # each distinct answer once; pair weights as in one big step
+    model.eval()
+    with torch.no_grad():
+        feats = torch.cat([features(model, every["rows"][i : i + cfg.batch_size * 2], pad_id, device, cfg.pool).cpu()
+                           for i in range(0, len(every["rows"]), cfg.batch_size * 2)])
+    flat = feats.flatten(1)
+    scale = flat.std(0) + 1e-6 if len(flat) > 1 else torch.ones(flat.shape[1])
+    x = flat / scale
+    x_c, x_r = x[every["chosen"]], x[every["rejected"]]
+    w = torch.zeros(x.shape[1], requires_grad=True)
+    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+
+    def loss() -> torch.Tensor:
+        opt.zero_grad()
+        value = pairwise_loss(x_c @ w, x_r @ w, 0.0, every["weight"], cfg.label_smoothing, 0.0) + cfg.probe_l2 * w.pow(2).sum()
+        value.backward()
+        return value
+
+    opt.step(loss)
+    (head,) = [p for n, p in model.named_parameters() if "score" in n and p.requires_grad]
+    with torch.no_grad():
+        head.copy_((w / scale).reshape(head.shape))
+        d = x_c @ w - x_r @ w
+    return {"probe_train_accuracy": float((every["weight"] * (d > 0)).sum()), "probe_answers": len(every["rows"])}
 
 
 @torch.no_grad()
@@ -302,6 +345,9 @@ def train_reward_model(
     old = [g for g in batches.groups if all(keys[i] in seen for i in g)]
     replayed = random.Random(cfg.seed).sample(old, min(len(old), round(cfg.replay * len(new))))
     trained = new + replayed
+    probe_started = time.monotonic()
+    probe = fit_probe(model, batches, cfg, tokenizer.pad_token_id, device) if cfg.probe_l2 is not None and new else {}
+    probe["probe_s"] = round(time.monotonic() - probe_started, 2)
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
@@ -354,6 +400,7 @@ def train_reward_model(
         "reward_mean": float(raw.mean()),
         "reward_std": float(raw.std()) if len(raw) > 1 else 1.0,
         "steps": step,
+        **probe,
         "seconds": round(time.monotonic() - started, 2),
         "scoring_s": round(time.monotonic() - started - trained_s, 2),
         **pace.figures(),
