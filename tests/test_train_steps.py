@@ -77,7 +77,7 @@ def test_reward_model_trains_normalises_and_feeds_the_value_head(rm_run, tiny_mo
     assert bias == pytest.approx(-rm.stats["mean"] / rm.stats["std"])
 
 
-def test_reward_model_reading_the_mean_of_the_reply(rm_run, tiny_model_dir, tmp_path, caplog):
+def test_reward_model_reading_the_mean_of_the_reply(tiny_model_dir, tmp_path, caplog):
     metrics = train_reward_model(tiny_model_dir, PAIRS * 2, tmp_path / "mean",
                                  RewardConfig(lr=1e-2, epochs=2, batch_size=4, pool="last_mean"), eval_records=PAIRS[:2], quiet=True)
     assert metrics["train_accuracy"] >= 0.75
@@ -98,9 +98,9 @@ def test_reward_model_reading_the_mean_of_the_reply(rm_run, tiny_model_dir, tmp_
     assert probe["steps"] == 0 and probe["probe_answers"] == 16 and probe["train_accuracy"] >= 0.75
 
     caplog.set_level("WARNING", "loopchat.reward")
-    warm = train_reward_model(tiny_model_dir, PAIRS, tmp_path / "warm", RewardConfig(max_steps=1, pool="last_mean"),
-                              eval_records=PAIRS[:2], init_from=rm_run[0], quiet=True)
-    assert "init_from" not in warm and "training from scratch" in caplog.text  # a `last` model cannot seed it
+    warm = train_reward_model(tiny_model_dir, PAIRS, tmp_path / "warm", RewardConfig(max_steps=1, pool="last"),
+                              eval_records=PAIRS[:2], init_from=tmp_path / "mean", quiet=True)
+    assert "init_from" not in warm and "training from scratch" in caplog.text  # a `last_mean` model cannot seed it
     with pytest.raises(ValueError, match="pool"):
         RewardConfig(pool="max")
 

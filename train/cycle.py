@@ -58,7 +58,7 @@ class CycleConfig:
     end_at: str = "promoted"
     canary_share: float = 0.1
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=30))
-    rm: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=2))
+    rm: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=0))  # the linear probe alone (bench/RESULTS.md)
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48))
     gate: GateConfig = field(default_factory=GateConfig)
 

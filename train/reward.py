@@ -59,6 +59,9 @@ from train.sft import lora_config
 
 logger = logging.getLogger("loopchat.reward")
 POOLS = {"last": 1, "last_mean": 2}  # pool -> outputs of the `score` layer
+PROBE_FOLDS = 5
+STATES = ("last", "mean")  # what each output of the `score` layer reads (see features)
+PROBE_READS = {"last": [[0]], "last_mean": [[0], [1], [0, 1]]}  # the subsets of them a probe may read
 STATS_FILE = "reward_stats.json"
 TRAINED_FILE = "trained_pairs.json"  # keys of the pairs a reward model has seen, for init_from
 
@@ -76,8 +79,10 @@ class RewardConfig:
     batch_size: int = 8  # groups (rankings; a lone pair is a group of one) per step
     max_len: int = 1024
     margin: float = 0.0
-    probe_l2: float | None = 0.01  # first fit the head as a linear probe (fit_probe); None: start from its init
-    pool: str = "last"  # which hidden states the head reads: "last" or "last_mean" (module docstring)
+    # First fit the head as a linear probe (fit_probe) with the L2 weight among these that
+    # cross-validates best; None: the head starts from its initialisation.
+    probe_l2: tuple[float, ...] | None = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+    pool: str = "last_mean"  # which hidden states the head may read: "last" or "last_mean" (module docstring)
     label_smoothing: float = 0.0  # the share of votes taken to be wrong (0.1 gained nothing at 10% noise)
     center_coef: float = 0.01
     stats_answers: int = 64  # training answers scored for the normalisation stats (and train_accuracy)
@@ -89,6 +94,10 @@ class RewardConfig:
     def __post_init__(self):
         if self.pool not in POOLS:
             raise ValueError(f"reward model pool must be one of {', '.join(POOLS)}, not {self.pool!r}")
+        if self.probe_l2 is not None:
+            self.probe_l2 = tuple(self.probe_l2) if isinstance(self.probe_l2, (list, tuple)) else (float(self.probe_l2),)
+            if not self.probe_l2 or any(v < 0 for v in self.probe_l2):
+                raise ValueError(f"probe_l2 must be L2 weights >= 0, not {self.probe_l2!r}")
 
 
 def wilson_interval(successes: int, n: int, z: float = 1.96) -> tuple[float, float] | None:
@@ -159,34 +168,71 @@ def rewards(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool:
 
 def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, device) -> dict:
     """Set the head to the best linear probe of the model's states as they are (no gradient
-    through the model): the weighted pairwise loss of the training loop plus `probe_l2` |w|^2
-    on standardised features, minimised by L-BFGS over all training pairs at once. A convex fit,
-    so it reaches its optimum in seconds where a few dozen LoRA steps on a few hundred noisy
-    pairs do not (bench/RESULTS.md, "Reward model at small data sizes")."""
+    through the model): the training loop's loss (weighted pairs, centring) plus l2 |w|^2 on
+    standardised features, minimised by L-BFGS over all training pairs at once. A convex fit, so
+    it reaches its optimum in seconds where a few dozen LoRA steps on a few hundred noisy pairs do
+    not (bench/RESULTS.md, "Reward model at small data sizes").
+
+    With more features than pairs any labels can be fit, so what the probe reads is chosen by
+    cross-validation over whole groups (held-out log-loss): which of the pool's states (with
+    `last_mean`: the last token's, the reply's mean, or both; a taste spread over the words is
+    read best from the mean, one in the answer's shape from the last token) and the L2 weight
+    among `probe_l2`. The head is then refit on everything with that choice; the states it does
+    not read get zero weight."""
     every = batches.step(batches.groups)  # each distinct answer once; pair weights as in one big step
+    group = torch.tensor([g for g, members in enumerate(batches.groups) for _ in members])
     model.eval()
     with torch.no_grad():
         feats = torch.cat([features(model, every["rows"][i : i + cfg.batch_size * 2], pad_id, device, cfg.pool).cpu()
                            for i in range(0, len(every["rows"]), cfg.batch_size * 2)])
-    flat = feats.flatten(1)
-    scale = flat.std(0) + 1e-6 if len(flat) > 1 else torch.ones(flat.shape[1])
-    x = flat / scale
-    x_c, x_r = x[every["chosen"]], x[every["rejected"]]
-    w = torch.zeros(x.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+    chosen, rejected = feats[every["chosen"]], feats[every["rejected"]]  # [pairs, outputs, hidden]: r = <., W>
+    scale = (chosen - rejected).std(0) + 1e-6 if len(chosen) > 1 else torch.ones(chosen.shape[1:])
+    chosen, rejected, weight = chosen / scale, rejected / scale, every["weight"]
 
-    def loss() -> torch.Tensor:
-        opt.zero_grad()
-        value = pairwise_loss(x_c @ w, x_r @ w, 0.0, every["weight"], cfg.label_smoothing, 0.0) + cfg.probe_l2 * w.pow(2).sum()
-        value.backward()
-        return value
+    def fit(rows: torch.Tensor, reads: list[int], l2: float) -> torch.Tensor:
+        """The training loop's loss (centring term included), on the states `reads`, + l2 |w|^2."""
+        x_c, x_r = chosen[rows][:, reads].flatten(1), rejected[rows][:, reads].flatten(1)
+        w = torch.zeros(x_c.shape[1], requires_grad=True)
+        opt = torch.optim.LBFGS([w], max_iter=200, line_search_fn="strong_wolfe")
+        share = weight[rows] / weight[rows].sum()
 
-    opt.step(loss)
+        def loss() -> torch.Tensor:
+            opt.zero_grad()
+            value = pairwise_loss(x_c @ w, x_r @ w, 0.0, share, cfg.label_smoothing, cfg.center_coef) + l2 * w.pow(2).sum()
+            value.backward()
+            return value
+
+        opt.step(loss)
+        return w.detach().reshape(len(reads), -1)
+
+    def margins(rows, reads: list[int], w: torch.Tensor) -> torch.Tensor:
+        return ((chosen[rows][:, reads] - rejected[rows][:, reads]) * w).sum((1, 2))
+
+    def held_out_loss(reads: list[int], l2: float, fold: torch.Tensor) -> float:
+        losses = []
+        for k in range(int(fold.max()) + 1):
+            out = fold == k
+            w = fit(torch.nonzero(~out).squeeze(1), reads, l2)
+            losses.append(float((weight[out] * F.softplus(-margins(out, reads, w))).sum() / weight[out].sum()))
+        return sum(losses) / len(losses)
+
+    choices = [(reads, l2) for reads in PROBE_READS[cfg.pool] for l2 in cfg.probe_l2]
+    folds = min(PROBE_FOLDS, len(batches.groups))
+    cv = {}
+    if folds > 1 and len(choices) > 1:
+        fold = torch.randperm(len(batches.groups), generator=torch.Generator().manual_seed(cfg.seed))[group] % folds
+        cv = {(tuple(reads), l2): held_out_loss(reads, l2, fold) for reads, l2 in choices}
+    reads, l2 = min(cv, key=cv.get) if cv else (tuple(PROBE_READS[cfg.pool][-1]), cfg.probe_l2[0])
+    everything = torch.arange(len(chosen))
+    w = fit(everything, list(reads), l2)
+    head_w = torch.zeros(chosen.shape[1:])
+    head_w[list(reads)] = w / scale[list(reads)]
     (head,) = [p for n, p in model.named_parameters() if "score" in n and p.requires_grad]
     with torch.no_grad():
-        head.copy_((w / scale).reshape(head.shape))
-        d = x_c @ w - x_r @ w
-    return {"probe_train_accuracy": float((every["weight"] * (d > 0)).sum()), "probe_answers": len(every["rows"])}
+        head.copy_(head_w.reshape(head.shape))
+    margin = margins(everything, list(reads), w)
+    return {"probe_reads": "+".join(STATES[i] for i in reads), "probe_l2": l2, "probe_cv_loss": cv.get((reads, l2)),
+            "probe_train_accuracy": float((weight * (margin > 0)).sum()), "probe_answers": len(every["rows"])}
 
 
 @torch.no_grad()
