@@ -41,6 +41,7 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     assert {"reward_model/adapter_model.safetensors", "reward_model/reward_stats.json"} <= set(artifacts.load_manifest(v1)["files"])
     steps = first["steps"]
     assert steps["ppo"]["reference"] == "base" and steps["reward_model"]["init_from"] is None
+    assert steps["reward_model"]["probe_reads"] in ("last", "mean", "last+mean") and steps["reward_model"]["probe_l2"] > 0
     assert steps["evaluating"]["kl"] == steps["evaluating"]["kl_base"]  # the base model served: one reference
 
     second = cycle(store, tiny_model_dir, tmp_path / "adapters", fake_gateway.url, end_at="canary", canary_share=0.25)
