@@ -385,9 +385,11 @@ class StreamingLoad:
 
     def served_by_phase(self) -> list[set[str]]:
         """For each switch, the engine models that answered the requests sent after it was answered and
-        before the next was asked (a request sent while a switch is under way may get either version)."""
+        finished before the next was asked. The gateway resolves the alias somewhere between a request's
+        start and its end, so only a request wholly inside a phase must get that phase's version (one
+        started just before a switch is asked may reach the gateway after it: either version)."""
         ends = [asked for asked, _, _ in self.phases[1:]] + [float("inf")]
-        return [{x["model"] for x in self.results if x["ok"] and switched < x["started"] < end}
+        return [{x["model"] for x in self.results if x["ok"] and switched < x["started"] and x["finished"] < end}
                 for (_, switched, _), end in zip(self.phases, ends)]
 
     def in_flight_across_switches(self) -> list[int]:

@@ -129,7 +129,7 @@ def test_a_cycle_records_its_budget_and_what_each_step_chose(tiny_model_dir, tmp
     vote_shorter(store, 24)
     overrides = {"cycle_minutes": 1e-4,  # 6 ms: every step at its floor
                  "sft": {"max_steps": 6, "batch_size": 4, "max_len": 128},
-                 "rm": {"max_steps": 6, "batch_size": 4, "max_len": 128},
+                 "rm": {"epochs": 1, "max_steps": 6, "batch_size": 4, "max_len": 128},
                  "ppo": {"steps": 6, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 8},
                  "gate": {"batch_size": 1, "min_prompts": 1, "max_new_tokens": 8, "canaries": []}}
     cfg = CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": tmp_path / "adapters", "gateway_url": None},
