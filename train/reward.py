@@ -374,8 +374,9 @@ def train_reward_model(
     if not train_pairs:
         raise data.DataError("no preference pairs to train on")
 
-    if init_from is not None and pool_of(init_from) != cfg.pool:
-        logger.warning("reward model: %s reads `%s`, this one `%s`: training from scratch", init_from, pool_of(init_from), cfg.pool)
+    earlier = pool_of(load_stats(init_from)) if init_from is not None else cfg.pool
+    if earlier != cfg.pool:
+        logger.warning("reward model: %s reads `%s`, this one `%s`: training from scratch", init_from, earlier, cfg.pool)
         init_from = None
     if init_from is not None:
         model = common.load_lora_model(model_dir, device=device, dtype=dtype, init_adapter=init_from, heads=POOLS[cfg.pool])
@@ -469,8 +470,9 @@ def load_stats(rm_dir: str | Path) -> dict:
     return json.loads(path.read_text())
 
 
-def pool_of(rm_dir: str | Path) -> str:
-    return load_stats(rm_dir).get("pool", "last")  # reward models from before `pool` read the last token
+def pool_of(stats: dict) -> str:
+    """The pool of a reward model from its stats; those from before `pool` read the last token."""
+    return stats.get("pool", "last")
 
 
 def value_head_init(rm_dir: str | Path) -> tuple[torch.Tensor, float]:
@@ -497,7 +499,7 @@ class RewardModel:
         model_dir = model_dir or self.stats["base_model"]
         self.device = common.pick_device()
         common.quiet_transformers()
-        self.pool = self.stats.get("pool", "last")
+        self.pool = pool_of(self.stats)
         base = AutoModelForSequenceClassification.from_pretrained(str(model_dir), num_labels=POOLS[self.pool],
                                                                   dtype=hardware.choose(dtype, self.device.type).torch_dtype)
         base.score.float()
