@@ -57,8 +57,10 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     assert steps["reward_model"]["init_from"] == "v1" and steps["reward_model"]["accuracy_ci95"] is not None
     gate = steps["evaluating"]
     assert gate["kl"] != gate["kl_base"] and gate["kl_base"] > 0
-    assert {"capability_loglik", "capability_loglik_baseline", "capability_pass", "capability_pass_baseline"} <= gate.keys()
+    assert {"capability_loglik", "capability_loglik_baseline", "capability_pass", "capability_pass_baseline",
+            "capability_pass_base_model"} <= gate.keys()
     verdict = artifacts.load_manifest(tmp_path / "adapters" / "v2")["gate"]
+    assert verdict["checks"]["capability_pass_base"]["passed"] is not None  # held to the base model as well
     assert verdict["figures"]["baseline"] == "serving adapter" and verdict["checks"]["kl"]["value"] == gate["kl"]
     # the next cycle may start while the canary runs: `published` is terminal
     assert cycles.active_cycle(store) is None

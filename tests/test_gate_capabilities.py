@@ -1,6 +1,7 @@
 """The gate's capability guard (the alignment tax) and its KL checks: a candidate that lost what the
-serving policy could do is rejected, one that kept it passes, and KL is judged against the policy
-being replaced, KL to the base model against a wider bound.
+serving policy could do is rejected, one that kept it passes, one no worse than a serving version that
+had already lost them is rejected against the base model, and KL is judged against the policy being
+replaced, KL to the base model against a wider bound.
 
 Fast tests on a tiny random Llama with a small capability set written here; the slow one uses the
 real 135M model, the shipped set and an adapter trained in the test to answer everything with one word."""
@@ -58,7 +59,7 @@ def gate(tiny_model_dir, adapters, capability_file, candidate, **cfg):  # noqa: 
 
 def test_the_shipped_set_reads_and_its_checks_match_case_insensitively():
     items = read_capabilities(CAPABILITIES)
-    assert 20 <= len(items) <= 30 and len({it["prompt"] for it in items}) == len(items)
+    assert 40 <= len(items) <= 60 and len({it["prompt"] for it in items}) == len(items)
     assert all(passes(it["reference"], it["contains_any"]) for it in items)  # every reference passes its own check
     assert passes("The capital is PARIS.", ["Paris"]) and not passes("Lyon", ["Paris"])
 
@@ -85,6 +86,10 @@ def test_a_candidate_that_kept_them_passes(tiny_model_dir, adapters, capability_
     loglik = checks["capability_loglik"]
     se = verdict["figures"]["capability_loglik_se"]
     assert se > 0 and loglik["threshold"] == pytest.approx(verdict["figures"]["capability_loglik_baseline"] - 0.1 - se)
+    # and it is held to the base model too: the tiny random base answers nothing, so that allowance is easily met
+    base = checks["capability_loglik_base"]
+    assert base["passed"] and base["threshold"] < verdict["figures"]["capability_loglik_base_model"]
+    assert verdict["figures"]["capability_loglik_base_model"] < loglik["threshold"]
 
 
 def test_kl_is_judged_against_the_policy_replaced_and_the_base_against_a_wider_bound(tiny_model_dir, adapters,  # noqa: F811
@@ -101,6 +106,15 @@ def test_kl_is_judged_against_the_policy_replaced_and_the_base_against_a_wider_b
     first = evaluate_adapter(tiny_model_dir, adapters / "serving", prompts=[it["prompt"] for it in ITEMS],
                              cfg=GateConfig(**FAST, capabilities=None))
     assert first["checks"]["kl"]["value"] == first["checks"]["kl_base"]["value"] > 0.1
+
+
+def test_with_the_base_model_serving_the_base_comparisons_are_skipped(tiny_model_dir, adapters, capability_file):  # noqa: F811
+    verdict = evaluate_adapter(tiny_model_dir, adapters / "kept", prompts=[it["prompt"] for it in ITEMS],
+                               cfg=GateConfig(**FAST, capabilities=str(capability_file)))
+    checks = verdict["checks"]
+    assert checks["capability_pass"]["passed"] is not None
+    for name in ("capability_pass_base", "capability_loglik_base"):
+        assert checks[name]["passed"] is None and "the base model is the baseline" in checks[name]["skipped"]
 
 
 @pytest.mark.slow
@@ -133,3 +147,13 @@ def test_real_model_one_word_adapter_is_rejected_and_an_ordinary_one_passes(real
     kept = evaluate_adapter(real_model_dir, tmp_path / "plain", prompts=prompts, cfg=gate_cfg)
     checks = kept["checks"]
     assert checks["capability_pass"]["passed"] and checks["capability_loglik"]["passed"], (checks, kept["capability_lost"])
+
+    # Losses do not compound: with the "Yes." adapter serving, a candidate no worse than it (itself)
+    # passes against the version it replaces and is still rejected against the base model.
+    compounded = evaluate_adapter(real_model_dir, tmp_path / "yes", prompts=prompts, baseline_adapter=tmp_path / "yes",
+                                  cfg=gate_cfg)
+    checks = compounded["checks"]
+    assert checks["capability_pass"]["passed"] and checks["capability_loglik"]["passed"], checks
+    assert checks["capability_pass_base"]["passed"] is False and checks["capability_loglik_base"]["passed"] is False
+    assert not compounded["passed"]
+    assert all(x["base_model_answer"] != x["answer"] for x in compounded["capability_lost"])

@@ -135,8 +135,11 @@ def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, r
     cfg = GateConfig(max_new_tokens=8, canary_max_new_tokens=8, canaries=("Say apple.",))
     verdict = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS[:4], cfg=cfg)
     checks = verdict["checks"]
-    assert set(checks) == {"rm_accuracy", "reward_gain", "kl", "kl_base", "canaries", "capability_loglik", "capability_pass"}
-    assert all(c["value"] is not None for c in checks.values())
+    assert set(checks) == {"rm_accuracy", "reward_gain", "kl", "kl_base", "canaries", "capability_loglik", "capability_pass",
+                           "capability_loglik_base", "capability_pass_base"}
+    base_checks = {"capability_loglik_base", "capability_pass_base"}  # the base model is the baseline here
+    assert all(checks[k]["passed"] is None for k in base_checks)
+    assert all(c["value"] is not None for k, c in checks.items() if k not in base_checks)
     assert checks["kl"]["value"] > 0.1 and checks["kl"]["passed"]
     assert [a["prompt"] for a in verdict["canary_answers"]] == ["Say apple."] * cfg.canary_samples
     assert isinstance(verdict["passed"], bool)

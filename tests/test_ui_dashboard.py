@@ -28,7 +28,8 @@ OLD_CYCLE = {"id": 1, "state": "rejected", "rm_accuracy": 0.61, "mean_reward": 0
 NEW_CYCLE = {"id": 2, "state": "promoted", "rm_accuracy": 0.7, "kl": 0.3, "recipe": "sft_only",
              "steps": {"reward_model": {"accuracy": 0.7, "accuracy_ci95": [0.55, 0.82], "steps": 40},
                        "evaluating": {"kl": 0.3, "kl_base": 0.9, "held_out_prompts": 24, "capability_pass": 0.8,
-                                      "capability_pass_baseline": 0.85, "capability_loglik": -1.234,
+                                      "capability_pass_baseline": 0.85, "capability_pass_base_model": 0.95,
+                                      "capability_loglik": -1.234,
                                       "capability_loglik_baseline": -1.2}}}
 NO_CAPABILITY = dict.fromkeys(learning_panel.CAPABILITY)
 
@@ -74,7 +75,7 @@ def test_no_votes_yet_says_so_instead_of_an_empty_plot():
 def test_learning_figures_of_a_new_cycle():
     assert learning_panel.learning_figures(NEW_CYCLE) == {
         "rm_accuracy": 0.7, "rm_accuracy_ci95": [0.55, 0.82], "kl": 0.3, "kl_base": 0.9, "recipe": "sft_only",
-        "capability_pass": 0.8, "capability_pass_baseline": 0.85, "capability_loglik": -1.234,
+        "capability_pass": 0.8, "capability_pass_baseline": 0.85, "capability_pass_base_model": 0.95, "capability_loglik": -1.234,
         "capability_loglik_baseline": -1.2}
 
 
@@ -99,7 +100,8 @@ def test_cycle_plots_over_cycles_oldest_first_with_gaps_for_missing_figures():
         "to serving": [("#2", 0.3, (0.3, 0.3))],
         "to base": [("#1", 0.02, (0.02, 0.02)), ("#2", 0.9, (0.9, 0.9))]}
     assert points(capability)["Capability guard: share of items answered right"] == {
-        "candidate": [("#2", 0.8, (0.8, 0.8))], "replaced version": [("#2", 0.85, (0.85, 0.85))]}
+        "candidate": [("#2", 0.8, (0.8, 0.8))], "replaced version": [("#2", 0.85, (0.85, 0.85))],
+        "base model": [("#2", 0.95, (0.95, 0.95))]}
 
 
 def test_cycle_plots_before_any_cycle():

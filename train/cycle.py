@@ -195,7 +195,8 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
                "capability_loglik": checks["capability_loglik"].get("value"),
                "capability_loglik_baseline": found.get("capability_loglik_baseline"),
                "capability_pass": checks["capability_pass"].get("value"),
-               "capability_pass_baseline": found.get("capability_pass_baseline")}
+               "capability_pass_baseline": found.get("capability_pass_baseline"),
+               "capability_pass_base_model": found.get("capability_pass_base_model")}
     gate = "pass" if verdict["passed"] else "fail"
 
     # 4. Publish atomically as version N, with the reward model the next cycle continues from.

@@ -1,6 +1,6 @@
 """The promotion gate: is a freshly trained adapter good enough to serve?
 
-Seven checks, each with its figure and threshold (a check without its inputs is skipped):
+Nine checks, each with its figure and threshold (a check without its inputs is skipped):
   rm_accuracy  the reward model's held-out pair accuracy is above `min_rm_accuracy`
                (a reward model that cannot rank held-out pairs must not steer a policy);
                judged only on at least `min_heldout_pairs` pairs (those given, else those the
@@ -32,7 +32,12 @@ Seven checks, each with its figure and threshold (a check without its inputs is 
                paired item by item, and the candidate fails when it is below the baseline by more
                than `max_loglik_drop` (nats per token) or `max_pass_drop` (share) plus
                `capability_tolerance_se` standard errors of the paired difference: measurably
-               worse, not a greedy near-tie flipping one item.
+               worse, not a greedy near-tie flipping one item;
+  capability_loglik_base, capability_pass_base
+               the same two against the base model, when an adapter serves: each cycle's loss
+               against the version it replaces may be too small to call, but such losses compound
+               (bench/RESULTS.md run G: 1.00 -> 0.73 of the items over five cycles, no cycle
+               rejected), so the candidate must also stay within the same allowance of the base.
 One base model is loaded; the candidate, the baseline adapter and the base itself are
 switched with peft's adapter controls. With a time budget the held-out prompts are taken batch by
 batch, as many batches as fit (see train.budget), never fewer than `min_prompts`; the canaries and
@@ -55,6 +60,7 @@ from train.budget import Pace
 from train.ppo import generate, response_logprobs
 
 CAPABILITIES = Path(__file__).parent / "data" / "capabilities.jsonl"
+CAPABILITY_CHECKS = ("capability_loglik", "capability_pass", "capability_loglik_base", "capability_pass_base")
 
 
 @dataclass
@@ -195,25 +201,37 @@ def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se:
 
 
 def _capabilities(model, tokenizer, cfg: GateConfig, baseline: str | None) -> tuple[dict, dict, list[dict]]:
-    """(checks, figures, the items the baseline answered and the candidate no longer does)."""
+    """(checks, figures, the items the baseline or the base model answered and the candidate does not).
+    With an adapter as the baseline the candidate is also held to the base model (`*_base` checks)."""
+    names = ("candidate", baseline) + ((None,) if baseline is not None else ())
     items = read_capabilities(cfg.capabilities)
     if not items:
         why = f"no items in {cfg.capabilities}"
-        return {"capability_loglik": _skipped(why), "capability_pass": _skipped(why)}, {}, []
-    loglik = {name: _reference_loglik(model, tokenizer, items, name, cfg.batch_size) for name in ("candidate", baseline)}
+        return {k: _skipped(why) for k in CAPABILITY_CHECKS}, {}, []
+    loglik = {name: _reference_loglik(model, tokenizer, items, name, cfg.batch_size) for name in names}
     prompts = [[{"role": "user", "content": it["prompt"]}] for it in items]
     answers, passed = {}, {}
-    for name in ("candidate", baseline):
+    for name in names:
         answers[name] = _flat(_samples(model, tokenizer, prompts, cfg, name, cfg.capability_max_new_tokens, cfg.seed, 0.0), "texts")
         passed[name] = torch.tensor([float(passes(a, it["contains_any"])) for a, it in zip(answers[name], items)])
     checks, figures = {}, {"capability_items": len(items)}
-    checks["capability_loglik"], figures["capability_loglik_se"] = _paired(
-        loglik["candidate"], loglik[baseline], cfg.max_loglik_drop, cfg.capability_tolerance_se)
-    checks["capability_pass"], figures["capability_pass_se"] = _paired(
-        passed["candidate"], passed[baseline], cfg.max_pass_drop, cfg.capability_tolerance_se)
-    figures.update(capability_loglik_baseline=float(loglik[baseline].mean()), capability_pass_baseline=float(passed[baseline].mean()))
-    lost = [{"prompt": it["prompt"], "answer": answers["candidate"][i], "baseline_answer": answers[baseline][i]}
-            for i, it in enumerate(items) if passed[baseline][i] > passed["candidate"][i]]
+    comparisons = [("", baseline)]
+    if baseline is None:
+        checks.update({f"capability_{k}_base": _skipped("the base model is the baseline") for k in ("loglik", "pass")})
+    else:
+        comparisons.append(("_base", None))
+    for suffix, against in comparisons:
+        checks[f"capability_loglik{suffix}"], figures[f"capability_loglik{suffix}_se"] = _paired(
+            loglik["candidate"], loglik[against], cfg.max_loglik_drop, cfg.capability_tolerance_se)
+        checks[f"capability_pass{suffix}"], figures[f"capability_pass{suffix}_se"] = _paired(
+            passed["candidate"], passed[against], cfg.max_pass_drop, cfg.capability_tolerance_se)
+    figures.update(capability_loglik_baseline=float(loglik[baseline].mean()), capability_pass_baseline=float(passed[baseline].mean()),
+                   capability_loglik_base_model=float(loglik[None].mean()), capability_pass_base_model=float(passed[None].mean()))
+    lost = []
+    for i, it in enumerate(items):
+        if passed["candidate"][i] < max(passed[name][i] for name in names[1:]):
+            lost.append({"prompt": it["prompt"], "answer": answers["candidate"][i], "baseline_answer": answers[baseline][i],
+                         "base_model_answer": answers[None][i]})
     return checks, figures, lost
 
 
@@ -303,7 +321,7 @@ def evaluate_adapter(
         checks.update(capability_checks)
         figures.update(capability_figures)
     else:
-        checks["capability_loglik"] = checks["capability_pass"] = _skipped("no capability set")
+        checks.update({k: _skipped("no capability set") for k in CAPABILITY_CHECKS})
 
     # Held-out prompts, one batch at a time, as many batches as the budget holds: the candidate's
     # samples and their KLs, then the baseline's from the same seed, both scored by the reward model.

@@ -33,7 +33,8 @@ def winrate_figure(winrates: list[dict], adapters: list[dict]):
                         empty="No head-to-head votes between a version and its predecessor yet."))
 
 
-CAPABILITY = ("capability_pass", "capability_pass_baseline", "capability_loglik", "capability_loglik_baseline")
+CAPABILITY = ("capability_pass", "capability_pass_baseline", "capability_pass_base_model", "capability_loglik",
+              "capability_loglik_baseline")
 
 
 def learning_figures(cycle: dict) -> dict:
@@ -69,7 +70,7 @@ def series(rows: list[tuple[str, dict]], key: str, ci_key: str | None = None) ->
 
 def cycle_figures(cycles: list[dict]):
     """Over cycles, oldest first: the RM's held-out accuracy with its interval; KL to serving and to
-    base; the capability guard's pass share, candidate against the version it would replace."""
+    base; the capability guard's pass share: the candidate, the version it would replace and the base model."""
     rows = [(f"#{c['id']}", learning_figures(c)) for c in sorted(cycles, key=lambda c: c["id"])]
     order = tuple(x for x, _ in rows)
     return (figure(Panel("Reward model: held-out accuracy (95% interval)",
@@ -80,5 +81,6 @@ def cycle_figures(cycles: list[dict]):
                          ylim=None, x_order=order, empty="No cycle has measured KL yet.")),
             figure(Panel("Capability guard: share of items answered right",
                          {"candidate": series(rows, "capability_pass"),
-                          "replaced version": series(rows, "capability_pass_baseline")}, lines=True, x_order=order,
+                          "replaced version": series(rows, "capability_pass_baseline"),
+                          "base model": series(rows, "capability_pass_base_model")}, lines=True, x_order=order,
                          empty="No cycle has run the capability guard yet.")))

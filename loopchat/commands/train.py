@@ -197,12 +197,12 @@ def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_
     if as_json:
         click.echo(json.dumps(verdict, indent=2, default=str))
     else:
-        click.echo(f"{'check':<18} {'value':>10} {'threshold':>10}  result")
+        click.echo(f"{'check':<24} {'value':>10} {'threshold':>10}  result")
         for name, c in verdict["checks"].items():
             value = "-" if c["value"] is None else f"{c['value']:.4g}"
             threshold = "-" if c["threshold"] is None else f"{c['threshold']:.4g}"
             result = f"skipped ({c['skipped']})" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")
-            click.echo(f"{name:<18} {value:>10} {threshold:>10}  {result}")
+            click.echo(f"{name:<24} {value:>10} {threshold:>10}  {result}")
         for k, v in verdict["figures"].items():
             click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
         for lost in verdict["capability_lost"]:
