@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from train.reward import (STATS_FILE, GroupBatches, RewardConfig, RewardModel, pairwise_loss, read_pairs,
+from train.reward import (FEATURES_FILE, STATS_FILE, GroupBatches, RewardConfig, RewardModel, pairwise_loss, read_pairs,
                           train_reward_model, wilson_interval)
 from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -122,3 +122,28 @@ def test_warm_start_continues_the_earlier_model(grouped_run, tiny_model_dir, tmp
     seen = json.loads((tmp_path / "grown" / "trained_pairs.json").read_text())
     assert len(seen) == len(more)
 
+
+
+def test_a_probe_reads_only_the_answers_its_predecessor_did_not(tiny_model_dir, tmp_path):
+    """A probe-only reward model saves the states it read; the next one, warm-started, reads only the
+    new answers and ends where one trained from scratch on everything ends."""
+    cfg = RewardConfig(epochs=0, pool="last_mean")
+    first, more = ranking("apple") + ranking("river"), ranking("stone") + [lone("cloud")]
+    held = ranking("tiger")
+    before = train_reward_model(tiny_model_dir, first, tmp_path / "first", cfg, eval_records=held, quiet=True)
+    assert before["probe_answers"] == before["probe_answers_read"] == 8 and (tmp_path / "first" / FEATURES_FILE).is_file()
+    warm = train_reward_model(tiny_model_dir, first + more, tmp_path / "warm", cfg, init_from=tmp_path / "first",
+                              eval_records=held, quiet=True)
+    assert warm["probe_answers"] == 14 and warm["probe_answers_read"] == 6  # the new ranking's 4 and the lone pair's 2
+    scratch = train_reward_model(tiny_model_dir, first + more, tmp_path / "scratch", cfg, eval_records=held, quiet=True)
+    assert scratch["probe_answers_read"] == 14
+    prompts, answers = [p["prompt"] for p in held], [p["chosen"] for p in held]
+    assert torch.allclose(RewardModel(tmp_path / "warm", tiny_model_dir).raw(prompts, answers),
+                          RewardModel(tmp_path / "scratch", tiny_model_dir).raw(prompts, answers), atol=1e-4)
+    # LoRA steps change the states: such a model saves none, and its successor reads everything
+    stepped = train_reward_model(tiny_model_dir, first + more, tmp_path / "stepped", RewardConfig(max_steps=1, pool="last_mean"),
+                                 init_from=tmp_path / "first", eval_records=held, quiet=True)
+    assert stepped["steps"] == 1 and not (tmp_path / "stepped" / FEATURES_FILE).exists()
+    after = train_reward_model(tiny_model_dir, first + more + ranking("piano"), tmp_path / "after", cfg,
+                               init_from=tmp_path / "stepped", eval_records=held, quiet=True)
+    assert after["probe_answers_read"] == 18

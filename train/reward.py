@@ -32,7 +32,12 @@ then go on from that head; `epochs=0` keeps the probe alone.
 `init_from` continues an earlier reward model (its LoRA and head): the pairs it was trained on
 (listed in its `trained_pairs.json`) are then only replayed, `replay` old groups per new group,
 so a cycle's cost grows with its new data rather than with all of it. The probe is refit on all
-pairs (one forward pass over them) when there are new ones.
+pairs when there are new ones, but reads only the new answers' states: a reward model that took
+no LoRA step saves the states its probe read (`probe_features.pt`, float32, ~4.6 KB an answer
+with `last_mean` on the 135M model) with a fingerprint of what they depend on (the base model,
+the LoRA weights, dtype, pool, max_len), and the next one reuses those whose fingerprint it
+shares. Without that the probe's forward pass over all pooled answers grew to 189 s of a 600 s
+cycle by run G's fifth cycle (bench/RESULTS.md).
 
 Saved as a peft adapter with the head in `modules_to_save=["score"]`, so PPO can initialise
 its value head from the reward head (see train.ppo).
@@ -64,6 +69,7 @@ STATES = ("last", "mean")  # what each output of the `score` layer reads (see fe
 PROBE_READS = {"last": [[0]], "last_mean": [[0], [1], [0, 1]]}  # the subsets of them a probe may read
 STATS_FILE = "reward_stats.json"
 TRAINED_FILE = "trained_pairs.json"  # keys of the pairs a reward model has seen, for init_from
+FEATURES_FILE = "probe_features.pt"  # the states its probe read, for the next one's (module docstring)
 
 
 @dataclass
@@ -166,7 +172,7 @@ def rewards(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool:
     return out.diagonal(dim1=1, dim2=2).sum(-1)
 
 
-def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, device) -> dict:
+def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, device, known: dict[str, torch.Tensor]) -> dict:
     """Set the head to the best linear probe of the model's states as they are (no gradient
     through the model): the training loop's loss (weighted pairs, centring) plus l2 |w|^2 on
     standardised features, minimised by L-BFGS over all training pairs at once. A convex fit, so
@@ -178,13 +184,20 @@ def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, 
     `last_mean`: the last token's, the reply's mean, or both; a taste spread over the words is
     read best from the mean, one in the answer's shape from the last token) and the L2 weight
     among `probe_l2`. The head is then refit on everything with that choice; the states it does
-    not read get zero weight."""
+    not read get zero weight.
+
+    `known`: answer key -> its states, from an earlier reward model with the same fingerprint; the
+    answers not in it are read by the model and added to it."""
     every = batches.step(batches.groups)  # each distinct answer once; pair weights as in one big step
     group = torch.tensor([g for g, members in enumerate(batches.groups) for _ in members])
+    missing = [i for i, key in enumerate(every["keys"]) if key not in known]
     model.eval()
     with torch.no_grad():
-        feats = torch.cat([features(model, every["rows"][i : i + cfg.batch_size * 2], pad_id, device, cfg.pool).cpu()
-                           for i in range(0, len(every["rows"]), cfg.batch_size * 2)])
+        for start in range(0, len(missing), cfg.batch_size * 2):
+            chunk = missing[start : start + cfg.batch_size * 2]
+            for i, states in zip(chunk, features(model, [every["rows"][i] for i in chunk], pad_id, device, cfg.pool).cpu()):
+                known[every["keys"][i]] = states
+    feats = torch.stack([known[key] for key in every["keys"]])
     chosen, rejected = feats[every["chosen"]], feats[every["rejected"]]  # [pairs, outputs, hidden]: r = <., W>
     scale = (chosen - rejected).std(0) + 1e-6 if len(chosen) > 1 else torch.ones(chosen.shape[1:])
     chosen, rejected, weight = chosen / scale, rejected / scale, every["weight"]
@@ -232,7 +245,8 @@ def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, 
         head.copy_(head_w.reshape(head.shape))
     margin = margins(everything, list(reads), w)
     return {"probe_reads": "+".join(STATES[i] for i in reads), "probe_l2": l2, "probe_cv_loss": cv.get((reads, l2)),
-            "probe_train_accuracy": float((weight * (margin > 0)).sum()), "probe_answers": len(every["rows"])}
+            "probe_train_accuracy": float((weight * (margin > 0)).sum()), "probe_answers": len(every["rows"]),
+            "probe_answers_read": len(missing)}
 
 
 @torch.no_grad()
@@ -307,7 +321,8 @@ class GroupBatches:
             yield self.step([groups[j] for j in order[i : i + self.batch_size]])
 
     def step(self, groups: list[list[int]]) -> dict:
-        """Distinct answers' token rows, and per pair (`pairs`: their indices): chosen/rejected row index, weight."""
+        """Distinct answers' token rows and their `keys`, and per pair (`pairs`: their indices):
+        chosen/rejected row index, weight."""
         rows, index = [], {}
 
         def row(prompt, text) -> int:
@@ -324,7 +339,8 @@ class GroupBatches:
                 chosen.append(row(p["prompt"], p["chosen"]))
                 rejected.append(row(p["prompt"], p["rejected"]))
                 weights.append(1.0 / (len(groups) * len(group)))
-        return {"rows": rows, "pairs": [i for group in groups for i in group], "chosen": torch.tensor(chosen),
+        keys = [hashlib.sha256(key.encode()).hexdigest()[:20] for key in index]
+        return {"rows": rows, "keys": keys, "pairs": [i for group in groups for i in group], "chosen": torch.tensor(chosen),
                 "rejected": torch.tensor(rejected), "weight": torch.tensor(weights)}
 
 
@@ -392,8 +408,10 @@ def train_reward_model(
     old = [g for g in batches.groups if all(keys[i] in seen for i in g)]
     replayed = random.Random(cfg.seed).sample(old, min(len(old), round(cfg.replay * len(new))))
     trained = new + replayed
+    fingerprint = _fingerprint(model, model_dir, cfg, dtype)
+    known = _load_features(init_from, fingerprint) if init_from is not None else {}
     probe_started = time.monotonic()
-    probe = fit_probe(model, batches, cfg, tokenizer.pad_token_id, device) if cfg.probe_l2 is not None and new else {}
+    probe = fit_probe(model, batches, cfg, tokenizer.pad_token_id, device, known) if cfg.probe_l2 is not None and new else {}
     probe["probe_s"] = round(time.monotonic() - probe_started, 2)
 
     params = [p for p in model.parameters() if p.requires_grad]
@@ -459,8 +477,34 @@ def train_reward_model(
              "std": max(metrics["reward_std"], 1e-6)}
     common.write_json(out_dir / STATS_FILE, {**stats, "metrics": metrics})
     (out_dir / TRAINED_FILE).write_text(json.dumps(sorted(seen | set(keys))))
+    if step == 0 and known:  # LoRA steps change the states: then the next reward model reads them anew
+        torch.save({"fingerprint": fingerprint, "keys": list(known), "features": torch.stack(list(known.values()))},
+                   out_dir / FEATURES_FILE)
     common.write_json(out_dir / "train_config.json", {"step": "reward", "model": str(model_dir), **asdict(cfg)})
     return metrics
+
+
+def _fingerprint(model, model_dir, cfg: RewardConfig, dtype) -> str:
+    """What an answer's states depend on besides its text: the base model, the LoRA weights, the
+    dtype, the pool and the truncation."""
+    h = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), str(dtype), cfg.pool, cfg.max_len]).encode())
+    for name, p in model.named_parameters():
+        if "lora_" in name:
+            h.update(name.encode())
+            h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def _load_features(rm_dir: str | Path, fingerprint: str) -> dict[str, torch.Tensor]:
+    """The states an earlier reward model's probe read, when they are what this model would read."""
+    path = Path(rm_dir) / FEATURES_FILE
+    if not path.is_file():
+        return {}
+    saved = torch.load(path, weights_only=True)
+    if saved["fingerprint"] != fingerprint:
+        logger.info("reward model: %s's probe states were read by another model; reading them anew", rm_dir)
+        return {}
+    return dict(zip(saved["keys"], saved["features"]))
 
 
 def load_stats(rm_dir: str | Path) -> dict:

@@ -69,7 +69,8 @@ def reward_model(run: Run) -> tuple[dict, dict]:
     run.rm_dir, run.reward_model = out, RewardModel(out, run.cfg.model_dir)
     run.metrics["reward_model"] = metrics
     figures = {k: metrics.get(k) for k in ("accuracy", "accuracy_ci95", "eval_pairs", "train_accuracy", "steps",
-                                           "new_pairs", "replayed_pairs", "probe_reads", "probe_l2")}
+                                           "new_pairs", "replayed_pairs", "probe_reads", "probe_l2", "probe_answers",
+                                           "probe_answers_read", "probe_s")}
     figures["init_from"] = run.serving["version"] if init_from else None
     return {**figures, **chosen(metrics)}, {"rm_accuracy": metrics.get("accuracy")}
 
