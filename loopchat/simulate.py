@@ -33,8 +33,10 @@ LABELS = "abcd"  # candidates of a comparison of K answers, in the order shown
 CYCLE_FIGURES = ("id", "state", "version", "recipe", "gate", "error", "rm_accuracy", "kl", "mean_reward", "n_pairs",
                  "n_sft", "n_prompts", "duration_s")
 # Figures a cycle records in one of its steps rather than on its row (first found wins): name here -> key there.
-# The RM step's `accuracy_ci95` is the [low, high] 95% interval of the row's `rm_accuracy`.
-STEP_FIGURES = {"rm_accuracy_ci95": "accuracy_ci95", "kl_base": "kl_base"}
+# The RM step's `accuracy_ci95` is the [low, high] 95% interval of the row's `rm_accuracy`; the gate's
+# capability figures are the candidate's share of capability items answered and the base model's.
+STEP_FIGURES = {"rm_accuracy_ci95": "accuracy_ci95", "kl_base": "kl_base", "capability_pass": "capability_pass",
+                "capability_pass_base_model": "capability_pass_base_model"}
 Log = Callable[[str], None]
 
 
@@ -572,14 +574,17 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 
 def table(report: dict) -> str:
-    """One line per round. The RM's held-out accuracy gets its 95% (Wilson) interval, and KL splits into
-    KL to the serving version and KL to the base model, when the cycles recorded them."""
+    """One line per round. The RM's held-out accuracy gets its 95% (Wilson) interval, KL splits into
+    KL to the serving version and KL to the base model, and the capability guard's pass share (the
+    candidate's, then the base model's) shows, when the cycles recorded them."""
     cycles = [r["cycle"] for r in report["rounds"] if r.get("cycle")]
     with_ci = any(c.get("rm_accuracy_ci95") is not None for c in cycles)
     kl_base = any(c.get("kl_base") is not None for c in cycles)
+    capability = any(c.get("capability_pass") is not None for c in cycles)
     acc_w = 20 if with_ci else 7
     kl_head = f"{'kl srv':>8}{'kl base':>8}" if kl_base else f"{'kl':>8}"
-    lines = [f"{'round':>5}  {'cycle':<16}{'win rate (95% CI)':>18}  {'W/T/L':<11}{'rm acc':>{acc_w}}{kl_head}  "
+    cap_head = f"{'capab. (base)':>15}" if capability else ""
+    lines = [f"{'round':>5}  {'cycle':<16}{'win rate (95% CI)':>18}  {'W/T/L':<11}{'rm acc':>{acc_w}}{kl_head}{cap_head}  "
              f"{'votes':>5} {'thumbs':>6} {'fixes':>5}  {'cycle s':>7}"]
     for r in report["rounds"]:
         cyc, fb, ev = r.get("cycle") or {}, r.get("feedback") or {}, r["eval"]
@@ -590,6 +595,9 @@ def table(report: dict) -> str:
         ci = cyc.get("rm_accuracy_ci95")
         acc = _fmt(cyc.get("rm_accuracy")) + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
         kl = _fmt(cyc.get("kl")).rjust(8) + (_fmt(cyc.get("kl_base")).rjust(8) if kl_base else "")
+        if capability:
+            base = cyc.get("capability_pass_base_model")
+            kl += (_fmt(cyc.get("capability_pass")) + (f" ({base:.3f})" if base is not None else "")).rjust(15)
         lines.append(f"{r['round']:>5}  {state:<16}{rate:>18}  {wtl:<11}{acc:>{acc_w}}{kl}  "
                      f"{_fmt(fb.get('comparisons'), 'd'):>5} {_fmt(thumbs, 'd'):>6} "
                      f"{_fmt(fb.get('corrections'), 'd'):>5}  "

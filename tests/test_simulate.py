@@ -118,6 +118,7 @@ def test_table_and_plot(tmp_path):
                    "cycle": {"state": "promoted", "version": "v1", "rm_accuracy": 0.8, "kl": 0.3}}]}
     text = table(report)
     assert "promoted v1" in text and "0.750 +- 0.400" in text and "0.800" in text
+    assert "capab." not in text  # cycles that did not run the capability guard get no column
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -128,7 +129,7 @@ class InstantWorker:
     `rejected` with the figures a real cycle records (on its row and in its steps)."""
 
     FIGURES = {"reward_model": {"accuracy": 0.7, "accuracy_ci95": [0.55, 0.82]},
-               "evaluating": {"kl": 0.25, "kl_base": 3.5}}
+               "evaluating": {"kl": 0.25, "kl_base": 3.5, "capability_pass": 0.9, "capability_pass_base_model": 1.0}}
 
     def __init__(self, db_path):
         self.store, self.stop = Store(db_path), threading.Event()
@@ -178,6 +179,7 @@ def test_simulation_ranks_k_answers_and_asks_for_the_recipe(fake_gateway, tmp_pa
     assert cyc["kl"] == 0.25 and cyc["kl_base"] == 3.5
     text = table(report)
     assert "0.700 [0.55, 0.82]" in text and "kl srv" in text and "kl base" in text and "3.500" in text
+    assert cyc["capability_pass"] == 0.9 and "capab. (base)" in text and "0.900 (1.000)" in text
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
