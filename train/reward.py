@@ -190,14 +190,15 @@ def fit_probe(model, batches: "GroupBatches", cfg: "RewardConfig", pad_id: int, 
     answers not in it are read by the model and added to it."""
     every = batches.step(batches.groups)  # each distinct answer once; pair weights as in one big step
     group = torch.tensor([g for g, members in enumerate(batches.groups) for _ in members])
-    missing = [i for i, key in enumerate(every["keys"]) if key not in known]
+    keys = [hashlib.sha256(key.encode()).hexdigest()[:20] for key in every["keys"]]  # what `known` is keyed by
+    missing = [i for i, key in enumerate(keys) if key not in known]
     model.eval()
     with torch.no_grad():
         for start in range(0, len(missing), cfg.batch_size * 2):
             chunk = missing[start : start + cfg.batch_size * 2]
             for i, states in zip(chunk, features(model, [every["rows"][i] for i in chunk], pad_id, device, cfg.pool).cpu()):
-                known[every["keys"][i]] = states
-    feats = torch.stack([known[key] for key in every["keys"]])
+                known[keys[i]] = states
+    feats = torch.stack([known[key] for key in keys])
     chosen, rejected = feats[every["chosen"]], feats[every["rejected"]]  # [pairs, outputs, hidden]: r = <., W>
     scale = (chosen - rejected).std(0) + 1e-6 if len(chosen) > 1 else torch.ones(chosen.shape[1:])
     chosen, rejected, weight = chosen / scale, rejected / scale, every["weight"]
@@ -339,8 +340,7 @@ class GroupBatches:
                 chosen.append(row(p["prompt"], p["chosen"]))
                 rejected.append(row(p["prompt"], p["rejected"]))
                 weights.append(1.0 / (len(groups) * len(group)))
-        keys = [hashlib.sha256(key.encode()).hexdigest()[:20] for key in index]
-        return {"rows": rows, "keys": keys, "pairs": [i for group in groups for i in group], "chosen": torch.tensor(chosen),
+        return {"rows": rows, "keys": list(index), "pairs": [i for group in groups for i in group], "chosen": torch.tensor(chosen),
                 "rejected": torch.tensor(rejected), "weight": torch.tensor(weights)}
 
 
