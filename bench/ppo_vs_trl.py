@@ -79,11 +79,14 @@ def run_trl(model_dir: Path, iterations: int, work: Path, dtype: str) -> dict:
     import torch
     from datasets import Dataset
     from peft import LoraConfig
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from trl.experimental.ppo import PPOConfig, PPOTrainer
 
+    from train.common import load_tokenizer
+
     torch_dtype = getattr(torch, dtype)
-    tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    tok = load_tokenizer(model_dir)  # the same pad-token rule as ours: a checkpoint may have none
+    tok.padding_side = "left"
     ids = [tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True, return_dict=False) for p in PROMPTS]
     dataset = Dataset.from_dict({"input_ids": ids})
     policy = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype)

@@ -8,21 +8,21 @@ from safetensors.torch import load_file
 import hardware
 from train import common
 from train.ppo import POLICY, REFERENCE, PPOConfig, load_policy, reference_model, train_ppo
-from train.sft import SFTConfig, train_sft
+from loop_fixtures import random_adapter
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
 
-WORDS = ["apple", "river", "stone", "cloud"]
-DEMOS = [{"messages": [{"role": "user", "content": f"Say {w}."}, {"role": "assistant", "content": f"{w} {w} {w}"}]} for w in WORDS]
-PROMPTS = [f"Say {w}." for w in WORDS]
+PROMPTS = [f"Say {w}." for w in ("apple", "river", "stone", "cloud")]
 
 
-def sft_adapter(model_dir, out):
-    train_sft(model_dir, DEMOS * 4, out, SFTConfig(lr=1e-2, epochs=2, batch_size=8), quiet=True)
-    return out
+def serving_adapter(model_dir, out):
+    """An adapter far from the base by construction (random, non-zero LoRA weights). A few SFT steps
+    on the tiny random model moved it so little that the sampled KL estimate to the base came out
+    anywhere from -0.03 to 0.3 depending on the sampler's random stream (CPU vs GPU)."""
+    return random_adapter(model_dir, out, seed=0)
 
 
 def test_kl_to_the_adapter_it_starts_from_is_zero_and_to_the_base_is_not(tiny_model_dir, tmp_path):  # noqa: F811
-    serving = sft_adapter(tiny_model_dir, tmp_path / "serving")
+    serving = serving_adapter(tiny_model_dir, tmp_path / "serving")
     cfg = PPOConfig(steps=2, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8, lr=1e-2)
     metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", rule_reward, cfg, init_adapter=serving,
                         reference_adapter=serving, quiet=True)
@@ -38,14 +38,14 @@ def test_kl_to_the_adapter_it_starts_from_is_zero_and_to_the_base_is_not(tiny_mo
 
 
 def test_without_a_reference_adapter_the_base_is_the_reference(tiny_model_dir, tmp_path):  # noqa: F811
-    serving = sft_adapter(tiny_model_dir, tmp_path / "serving")
+    serving = serving_adapter(tiny_model_dir, tmp_path / "serving")
     cfg = PPOConfig(steps=1, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8)
     metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", rule_reward, cfg, init_adapter=serving, quiet=True)
     assert metrics["kl_first"] > 0.1 and metrics["kl_first"] == metrics["kl_base_first"] and metrics["reference"] == "base"
 
 
 def test_the_reference_is_frozen_and_switching_to_it_leaves_the_policy_trainable(tiny_model_dir, tmp_path):  # noqa: F811
-    serving = sft_adapter(tiny_model_dir, tmp_path / "serving")
+    serving = serving_adapter(tiny_model_dir, tmp_path / "serving")
     dtype = hardware.choose("float32").torch_dtype
     model = load_policy(tiny_model_dir, PPOConfig(), device=torch.device("cpu"), dtype=dtype, reference_adapter=serving)
     trainable = {k for k, p in model.named_parameters() if p.requires_grad}

@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# The GPU path, on a machine with an NVIDIA GPU (bench/RESULTS.md, "On a GPU"): the tests that run the
+# training steps and the transformers engine's adapter hot swap there, then PPO against TRL in bf16
+# and float32. Each part has its own time limit and log, so one that fails or hangs leaves the rest.
+#   bench/gpu_check.sh OUT_DIR [GGUF]
+# PYTHON (default: .venv/bin/python, else python3) runs everything. The default 135M checkpoint is
+# prepared from GGUF (default: the packaged one) unless it is already there. RANDOM_WEIGHTS=1 writes
+# the same architecture with random weights instead, for a machine the weights cannot reach: the
+# timings hold (same shapes, fixed response length), the tests that need a trained model are left out.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+out=${1:?usage: bench/gpu_check.sh OUT_DIR [GGUF]}
+gguf=${2:-}
+mkdir -p "$out"
+py=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}
+model=.cache/models/SmolLM2-135M-Instruct
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+
+step() {  # step NAME SECONDS CMD...: run with a limit, log to OUT/NAME.log, one status line
+    local name=$1 limit=$2 t0=$SECONDS
+    shift 2
+    timeout "$limit" "$@" >"$out/$name.log" 2>&1
+    local rc=$?
+    echo "$name: exit $rc in $((SECONDS - t0)) s" | tee -a "$out/summary.txt"
+    return $rc
+}
+
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  "$py" -c 'import torch, transformers, peft; print("torch", torch.__version__, "cuda", torch.version.cuda,
+"transformers", transformers.__version__, "peft", peft.__version__, "device", torch.cuda.get_device_name())'
+} 2>&1 | tee "$out/summary.txt"
+
+if [ "${RANDOM_WEIGHTS:-0}" = 1 ]; then
+    step weights 300 "$py" - "$model" <<'EOF'
+import json, sys
+from pathlib import Path
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from loopchat.model import DONE_MARKER
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(out)).to(torch.bfloat16).save_pretrained(out)
+(out / DONE_MARKER).write_text(json.dumps({"source": "random weights, same architecture (bench/gpu_check.sh)"}))
+EOF
+    tests=(tests/test_loop_hotswap_hf.py tests/test_train_ppo_reference.py tests/test_train_ppo_ptx.py tests/test_train_ppo_passes.py)
+else
+    step weights 300 "$py" -c "import sys; from pathlib import Path; from loopchat.model import prepare
+prepare(Path(sys.argv[1]), Path(sys.argv[2]) if sys.argv[2] else None)" "$model" "$gguf"
+    tests=(tests/test_loop_hotswap_hf.py tests/test_train_real.py tests/test_train_ppo_reference.py tests/test_train_ppo_ptx.py
+           tests/test_train_ppo_passes.py tests/test_gate_capabilities.py)
+fi
+
+step tests 300 "$py" -m pytest -q -p no:cacheprovider -o addopts= --basetemp "$out/pytest" "${tests[@]}"
+step ppo-bf16 240 "$py" bench/ppo_vs_trl.py --model "$model" --dtype bfloat16 --iterations 4 --repeats 2
+step ppo-fp32 150 "$py" bench/ppo_vs_trl.py --model "$model" --dtype float32 --iterations 4
+grep -h -A12 "^device:" "$out"/ppo-*.log >>"$out/summary.txt"
+rm -rf "$out/pytest"
