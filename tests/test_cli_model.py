@@ -29,6 +29,11 @@ def test_prepare_is_idempotent(model_dir, tmp_path):
     first = loopchat("model", "prepare", "--out", str(out_dir), "--data-dir", str(tmp_path))
     assert first.returncode == 0, first.stderr
     assert (out_dir / "model.safetensors").stat().st_size > 200_000_000
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok, config = AutoTokenizer.from_pretrained(out_dir), AutoConfig.from_pretrained(out_dir)
+    # The special tokens are the GGUF's: the chat turn's end is the eos, and batching pads with it.
+    assert (tok.eos_token, tok.eos_token_id, tok.pad_token_id) == ("<|im_end|>", config.eos_token_id, config.pad_token_id)
     before = {p.name: p.stat().st_mtime_ns for p in out_dir.iterdir()}
     second = loopchat("model", "prepare", "--out", str(out_dir), "--data-dir", str(tmp_path))
     assert second.returncode == 0 and "already prepared" in second.stdout
