@@ -57,7 +57,8 @@ def prepare(out: Path, source: Path | None = None, log=print) -> Path:
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     # The GGUF's own special-token ids (the config carries them) are the truth: transformers 5.17's tokenizer
-    # conversion made <|im_start|> the eos and left no pad token, so answers never ended where the model ends them.
+    # conversion made <|im_start|> the eos and left no pad token, and training ends every demonstration with
+    # the tokenizer's eos and stops rollouts at it.
     for role in ("bos", "eos", "pad"):
         if (token_id := getattr(config, f"{role}_token_id", None)) is not None:
             setattr(tokenizer, f"{role}_token", tokenizer.convert_ids_to_tokens(token_id))
