@@ -24,7 +24,6 @@ import random
 import sys
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,22 +37,13 @@ from loopchat.simulate import DEFAULT_PROMPTS, load_judge, load_prompts, prompt_
 
 
 def sample(model, tokenizer, prompts, adapter: str | None, samples: int, max_new_tokens: int, seed: int) -> dict:
-    """`samples` answers per prompt at temperature 0.7, with `adapter` on (None: the base model)."""
-    import torch
+    """`samples` answers per prompt at temperature 0.7, with `adapter` on (None: the base model),
+    drawn the way the gate draws them."""
+    from train.evaluate import GateConfig, _flat, _samples
 
-    from train.ppo import generate
-
-    torch.manual_seed(seed)
     rows = [p for p in prompts for _ in range(samples)]
-    texts, ended = [], []
-    for i in range(0, len(rows), 16):
-        if adapter is not None:
-            model.set_adapter(adapter)
-        with model.disable_adapter() if adapter is None else nullcontext():
-            out = generate(model, tokenizer, rows[i : i + 16], max_new_tokens, 0.7)
-        texts += out["texts"]
-        ended += out["ended"].tolist()
-    return {"prompts": rows, "texts": texts, "ended": ended}
+    batches = _samples(model, tokenizer, rows, GateConfig(), adapter, max_new_tokens, seed)
+    return {"prompts": rows, "texts": _flat(batches, "texts"), "ended": [bool(e) for b in batches for e in b["ended"]]}
 
 
 def judge_against(judge, mine: dict, base: dict, seed: int) -> tuple[float, float]:
