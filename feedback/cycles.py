@@ -14,7 +14,7 @@ import time
 
 from feedback.store import Store
 
-STEPS = ("queued", "building_data", "sft", "reward_model", "ppo", "evaluating", "published")
+STEPS = ("queued", "building_data", "sft", "reward_model", "best_of_n", "ppo", "evaluating", "published")
 OUTCOMES = ("promoted", "rejected", "failed", "cancelled")
 # `published` ends a cycle that has no gateway to promote through; with one, it is momentary.
 TERMINAL = OUTCOMES + ("published",)

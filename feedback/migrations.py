@@ -120,7 +120,7 @@ def v3_cycles_and_adapters(db: sqlite_utils.Database) -> None:
     db["cycles"].create(
         {
             "id": int,
-            "state": str,  # queued building_data sft reward_model ppo evaluating published [promoted|rejected|failed|cancelled]
+            "state": str,  # queued building_data sft reward_model best_of_n ppo evaluating published [promoted|rejected|failed|cancelled]
             "trigger": str,  # manual | scheduled
             "created_at": float,
             "started_at": float,

@@ -1,5 +1,5 @@
 """Whole cycles on a tiny random Llama in front of the in-process gateway (fake engine): the rlhf
-recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
+recipe (SFT, reward model, best-of-n, PPO, in that order) continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
 started from the one published with it) and may end at a canary; the sft recipe runs no PPO; `init:
 base` starts every cycle from the base model."""
 
@@ -16,6 +16,7 @@ TINY = {
     "cycle_minutes": 0,
     "sft": {"max_steps": 2, "batch_size": 4, "max_len": 128},
     "rm": {"epochs": 1, "max_steps": 2, "batch_size": 4, "max_len": 128},
+    "best_of_n": {"n": 2, "prompts": 4, "max_new_tokens": 8, "sample_batch_size": 4, "batch_size": 4, "max_len": 128},
     "ppo": {"steps": 2, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 8, "ptx_coef": 0.1},
     "gate": {"max_prompts": 4, "batch_size": 4, "max_new_tokens": 8, "canaries": [], "capability_max_new_tokens": 4,
              "min_rm_accuracy": 0.0, "min_reward_gain": -1000.0, "max_kl": 1000.0, "max_kl_base": 1000.0,
@@ -40,6 +41,8 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     artifacts.verify(v1)  # the reward model's files are in the manifest's checksums
     assert {"reward_model/adapter_model.safetensors", "reward_model/reward_stats.json"} <= set(artifacts.load_manifest(v1)["files"])
     steps = first["steps"]
+    assert list(steps)[:5] == ["building_data", "sft", "reward_model", "best_of_n", "ppo"]
+    assert steps["best_of_n"]["prompts"] == 4 and steps["best_of_n"]["answers"] == 8 and steps["best_of_n"]["fit_steps"] > 0
     assert steps["ppo"]["reference"] == "base" and steps["reward_model"]["init_from"] is None
     assert steps["reward_model"]["probe_reads"] in ("last", "mean", "last+mean") and steps["reward_model"]["probe_l2"] > 0
     assert steps["evaluating"]["kl"] == steps["evaluating"]["kl_base"]  # the base model served: one reference

@@ -4,14 +4,11 @@ rule while staying near the reference, and the adapter loads into transformers +
 import random
 
 import pytest
-import torch
 
-import hardware
-from train import common
 from train.artifacts import check_adapter
-from train.ppo import PPOConfig, generate, train_ppo
+from train.ppo import PPOConfig, train_ppo
 from train.reward import RewardConfig, train_reward_model
-from train_fixtures import real_model_dir, rule_reward  # noqa: F401  (fixture)
+from train_fixtures import real_model_dir, rule_reward, rule_scores_before_after  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
@@ -52,9 +49,6 @@ SHORT_ANSWER_PROMPTS = ["What is 2+2?", "Name a colour.", "Say hi.", "What is th
 
 
 def test_ppo_raises_a_rule_reward_within_the_kl_bound(real_model_dir, tmp_path):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
-
     cfg = PPOConfig(steps=3, batch_size=16, minibatches=2, ppo_epochs=2, max_new_tokens=24, lr=3e-4, kl_stop=6.0)
     metrics = train_ppo(real_model_dir, SHORT_ANSWER_PROMPTS, tmp_path, rule_reward, cfg, quiet=True)
     assert metrics["stop"] == "steps done" and metrics["kl_last"] < cfg.kl_stop
@@ -63,19 +57,5 @@ def test_ppo_raises_a_rule_reward_within_the_kl_bound(real_model_dir, tmp_path):
 
     # The adapter loads into transformers + peft and, sampling with the same seed, answers
     # score higher under the rule than the base model's.
-    tok = common.load_tokenizer(real_model_dir)
-    base = AutoModelForCausalLM.from_pretrained(real_model_dir, dtype=hardware.choose(device="cpu").torch_dtype)
-    model = PeftModel.from_pretrained(base, str(tmp_path)).eval()
-    prompts = [[{"role": "user", "content": p}] for p in SHORT_ANSWER_PROMPTS]
-
-    def mean_rule_score(adapter_on: bool) -> float:
-        torch.manual_seed(1)
-        if adapter_on:
-            texts = generate(model, tok, prompts, 24, 0.7)["texts"]
-        else:
-            with model.disable_adapter():
-                texts = generate(model, tok, prompts, 24, 0.7)["texts"]
-        return float(rule_reward(prompts, texts).mean())
-
-    before, after = mean_rule_score(False), mean_rule_score(True)
+    before, after = rule_scores_before_after(real_model_dir, tmp_path, SHORT_ANSWER_PROMPTS)
     assert after > before + 0.15, (before, after)

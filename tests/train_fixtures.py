@@ -44,3 +44,30 @@ def rule_reward(prompts, responses):
     import torch
 
     return torch.tensor([1.0 - min(len(r.split()), 40) / 20 for r in responses])
+
+
+def rule_scores_before_after(model_dir: Path, adapter_dir: Path, prompts: list[str], max_new_tokens: int = 24) -> tuple[float, float]:
+    """rule_reward's mean on the base model's answers and on the adapter's, sampled with the same seed."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    import hardware
+    from train import common
+    from train.ppo import generate
+
+    tok = common.load_tokenizer(model_dir)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=hardware.choose(device="cpu").torch_dtype)
+    model = PeftModel.from_pretrained(base, str(adapter_dir)).eval()
+    messages = [[{"role": "user", "content": p}] for p in prompts]
+
+    def mean_rule_score(adapter_on: bool) -> float:
+        torch.manual_seed(1)
+        if adapter_on:
+            texts = generate(model, tok, messages, max_new_tokens, 0.7)["texts"]
+        else:
+            with model.disable_adapter():
+                texts = generate(model, tok, messages, max_new_tokens, 0.7)["texts"]
+        return float(rule_reward(messages, texts).mean())
+
+    return mean_rule_score(False), mean_rule_score(True)

@@ -24,6 +24,7 @@ import httpx
 from feedback import Store, cycles
 from feedback.datasets import build_pairs, build_prompts, build_sft
 from train import artifacts, recipes
+from train.best_of_n import BestOfNConfig
 from train.evaluate import GateConfig, evaluate_adapter
 from train.ppo import PPOConfig
 from train.recipes.steps import Data, Run, chosen
@@ -59,6 +60,7 @@ class CycleConfig:
     canary_share: float = 0.1
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=30))
     rm: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=0))  # the linear probe alone (bench/RESULTS.md)
+    best_of_n: BestOfNConfig = field(default_factory=lambda: BestOfNConfig(max_new_tokens=48))
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48))
     gate: GateConfig = field(default_factory=GateConfig)
 
@@ -73,7 +75,7 @@ class CycleConfig:
 
     @classmethod
     def from_dict(cls, base: dict, overrides: dict) -> "CycleConfig":
-        """`overrides`: {"sft": {...}, "rm": {...}, "ppo": {...}, "gate": {...}, "min_pairs": N, ...}."""
+        """`overrides`: {"sft": {...}, "rm": {...}, "best_of_n": {...}, "ppo": {...}, "gate": {...}, "min_pairs": N, ...}."""
         cfg = cls(**base)
         for key, value in overrides.items():
             current = getattr(cfg, key)
@@ -204,7 +206,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
         run.policy, cfg.adapters_dir, base_model=str(cfg.model_dir),
         parent_version=int(serving["version"][1:]) if serving else None, data_snapshot=snapshot,
         hyperparameters={"cycle_minutes": cfg.cycle_minutes, "recipe": cfg.recipe, "init": cfg.init,
-                         **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("sft", "rm", "ppo", "gate")}},
+                         **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("sft", "rm", "best_of_n", "ppo", "gate")}},
         metrics={**run.metrics, **figures}, gate=verdict, reward_model=run.rm_dir)
     manifest = artifacts.load_manifest(version_dir)
     version = f"v{manifest['version']}"

@@ -70,15 +70,24 @@ def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask
     return F.cross_entropy(logits, targets[keep])
 
 
-def batches(examples, batch_size: int, pad_id: int, generator: torch.Generator | None):
-    n = len(examples)
-    order = torch.randperm(n, generator=generator).tolist() if generator is not None else list(range(n))
+def padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(ids, labels, attention mask) of (ids, labels) examples, padded on the right."""
+    ids = common.pad_right([e[0] for e in examples], pad_id)
+    labels = common.pad_right([e[1] for e in examples], -100)
+    mask = common.pad_right([[1] * len(e[0]) for e in examples], 0)
+    return ids, labels, mask
+
+
+def chunks(examples: list, batch_size: int, generator: torch.Generator | None):
+    """`examples` in batches, shuffled by `generator` (None: in order)."""
+    order = torch.randperm(len(examples), generator=generator).tolist() if generator is not None else list(range(len(examples)))
     for i in range(0, len(order), batch_size):
-        chunk = [examples[j] for j in order[i : i + batch_size]]
-        ids = common.pad_right([c[0] for c in chunk], pad_id)
-        labels = common.pad_right([c[1] for c in chunk], -100)
-        mask = common.pad_right([[1] * len(c[0]) for c in chunk], 0)
-        yield ids, labels, mask
+        yield [examples[j] for j in order[i : i + batch_size]]
+
+
+def batches(examples, batch_size: int, pad_id: int, generator: torch.Generator | None):
+    for chunk in chunks(examples, batch_size, generator):
+        yield padded(chunk, pad_id)
 
 
 @torch.no_grad()
@@ -90,6 +99,48 @@ def eval_loss(model, examples, batch_size: int, pad_id: int, device) -> float:
         total += float(lm_loss(model, ids.to(device), labels.to(device), mask.to(device))) * k
         n += k
     return total / max(n, 1)
+
+
+def fit(model, examples, cfg: SFTConfig, pace: Pace, out_dir: Path, pad_id: int, device, quiet: bool,
+        tail_steps: float = 0.0, batch_loss=None) -> dict:
+    """The training loop on a LoRA model already loaded: `cfg.epochs` over `examples` (at most
+    `cfg.max_steps`, or as many steps as `pace`'s budget holds), linear decay to 0; one line per step in
+    `out_dir/metrics.jsonl`. `batch_loss(examples) -> (loss, tokens)`; by default SFT's on (ids, labels)."""
+
+    def sft_loss(chunk):
+        ids, labels, mask = padded(chunk, pad_id)
+        return lm_loss(model, ids.to(device), labels.to(device), mask.to(device)), int((labels != -100).sum())
+
+    batch_loss = batch_loss or sft_loss
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    per_epoch = math.ceil(len(examples) / cfg.batch_size)
+    fixed = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
+    total = pace.start(fixed, tail_steps=tail_steps)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / pace.total)  # linear decay to 0 at the end
+    gen = torch.Generator().manual_seed(cfg.seed)
+    metrics = {"steps": 0}
+    log = common.RunLog(out_dir, total, "sft", quiet)
+    step, started = 0, time.monotonic()
+    while step < total:
+        for chunk in chunks(examples, cfg.batch_size, gen):
+            model.train()
+            loss, tokens = batch_loss(chunk)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
+            opt.step()
+            step += 1
+            total = pace.step_done(step)
+            log.replan(total)
+            sched.step()
+            log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens)
+            metrics["train_loss"] = loss.item()
+            if step >= total:
+                break
+    log.close()
+    metrics.update(steps=step, seconds=round(time.monotonic() - started, 2), **pace.figures())
+    return metrics
 
 
 def train_sft(
@@ -121,38 +172,11 @@ def train_sft(
         raise data.DataError("no demonstrations to train on")
 
     model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
-    per_epoch = math.ceil(len(train_ex) / cfg.batch_size)
-    fixed = min(cfg.max_steps or per_epoch * cfg.epochs, per_epoch * cfg.epochs)
-    total = pace.start(fixed, tail_steps=FORWARD_SHARE * math.ceil(len(eval_ex) / cfg.batch_size))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / pace.total)  # linear decay to 0 at the end
-    gen = torch.Generator().manual_seed(cfg.seed)
-    metrics = {"examples": len(train_ex), "steps": 0}
+    metrics = {"examples": len(train_ex)}
     if eval_ex:
         metrics["eval_loss_before"] = eval_loss(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, device)
-
-    log = common.RunLog(out_dir, total, "sft", quiet)
-    step, started = 0, time.monotonic()
-    while step < total:
-        for ids, labels, mask in batches(train_ex, cfg.batch_size, tokenizer.pad_token_id, gen):
-            model.train()
-            loss = lm_loss(model, ids.to(device), labels.to(device), mask.to(device))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
-            opt.step()
-            step += 1
-            total = pace.step_done(step)
-            log.replan(total)
-            sched.step()
-            tokens = int((labels != -100).sum())
-            log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens)
-            metrics["train_loss"] = loss.item()
-            if step >= total:
-                break
-    log.close()
-    metrics.update(steps=step, seconds=round(time.monotonic() - started, 2), **pace.figures())
+    tail = FORWARD_SHARE * math.ceil(len(eval_ex) / cfg.batch_size)
+    metrics.update(fit(model, train_ex, cfg, pace, out_dir, tokenizer.pad_token_id, device, quiet, tail_steps=tail))
     if eval_ex:
         metrics["eval_loss"] = eval_loss(model, eval_ex, cfg.batch_size, tokenizer.pad_token_id, device)
     model.save_pretrained(str(out_dir))

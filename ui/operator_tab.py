@@ -19,8 +19,8 @@ CYCLE_COLUMNS = ["id", "state", "recipe", "created_at", "finished_at", "duration
                  "version", "error"]
 LIVE_EVERY_S = 10  # how often the tab refreshes itself while "Refresh every ..." is ticked
 ADAPTER_COLUMNS = ["version", "name", "created_at", "state", "metrics"]
-# (cycle step, short name, the figure that sizes it): optimizer steps, and the gate's held-out prompts
-SIZES = (("sft", "sft", "steps"), ("reward_model", "rm", "steps"), ("ppo", "ppo", "steps"),
+# (cycle step, short name, the figure that sizes it): optimizer steps, best-of-n's prompts, the gate's held-out prompts
+SIZES = (("sft", "sft", "steps"), ("reward_model", "rm", "steps"), ("best_of_n", "best-of-n", "prompts"), ("ppo", "ppo", "steps"),
          ("evaluating", "gate", "held_out_prompts"))
 
 

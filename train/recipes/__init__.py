@@ -8,7 +8,7 @@ A recipe is a small module with
   SHARES  the part of the cycle's time budget each of those steps and the gate (`evaluating`) get;
           what is left over pays for building the data, publishing and promoting.
 
-  rlhf  SFT, reward model, PPO: InstructGPT's recipe (the default)
+  rlhf  SFT, reward model, best-of-n, PPO: InstructGPT's recipe (the default; see train.recipes.rlhf)
   sft   SFT on demonstrations and comparison winners, no PPO (see train.recipes.sft)
 """
 

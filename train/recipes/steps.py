@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from train import artifacts
+from train.best_of_n import train_best_of_n
 from train.ppo import train_ppo
 from train.reward import RewardModel, train_reward_model
 from train.sft import train_sft
@@ -43,7 +44,8 @@ class Run:
 
 def chosen(metrics: dict) -> dict:
     """What a step's time budget chose and from which speed (see train.budget), for the cycle row."""
-    keys = ("time_budget_s", "planned_steps", "measured_s_per_step", "held_out_prompts", "measured_s_per_batch")
+    keys = ("time_budget_s", "planned_steps", "measured_s_per_step", "held_out_prompts", "planned_batches",
+            "measured_s_per_batch")
     return {k: metrics[k] for k in keys if metrics.get(k) is not None}
 
 
@@ -73,6 +75,18 @@ def reward_model(run: Run) -> tuple[dict, dict]:
                                            "probe_answers_read", "probe_s")}
     figures["init_from"] = run.serving["version"] if init_from else None
     return {**figures, **chosen(metrics)}, {"rm_accuracy": metrics.get("accuracy")}
+
+
+def best_of_n(run: Run) -> tuple[dict, dict]:
+    """Best-of-n distillation from the run's policy: n answers to each training prompt, the reward
+    model's pick of each prompt's answers trained on (train.best_of_n)."""
+    out = run.work / "best_of_n"
+    metrics = train_best_of_n(run.cfg.model_dir, run.data.prompts or run.data.heldout_prompts, out, run.reward_model.score,
+                              run.budgeted("best_of_n", run.cfg.best_of_n), init_adapter=run.policy, quiet=True)
+    run.policy = out
+    run.metrics["best_of_n"] = metrics
+    keys = ("prompts", "answers", "score_all", "score_best", "best_ended", "fit_steps", "fit_train_loss")
+    return {**{k: metrics.get(k) for k in keys}, **chosen(metrics)}, {}
 
 
 def ppo(run: Run) -> tuple[dict, dict]:

@@ -1,0 +1,69 @@
+"""Best-of-n distillation: the policy is trained on each prompt's best sampled answer, as sampled."""
+
+import json
+
+import pytest
+import torch
+
+from train.best_of_n import BestOfNConfig, _chosen_example, train_best_of_n
+from train_fixtures import real_model_dir, rule_reward, rule_scores_before_after, tiny_model_dir  # noqa: F401  (fixtures)
+from test_train_real import SHORT_ANSWER_PROMPTS
+
+
+def test_an_answer_keeps_its_end_of_turn_only_when_it_ended():
+    eos, pad = 2, 0
+    batch = {"responses": torch.tensor([[5, 6, eos, pad], [7, 8, 9, 10]]), "mask": torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1.0]]),
+             "ended": torch.tensor([True, False])}
+    assert _chosen_example([1, 3], batch, 0, max_len=64) == ([1, 3, 5, 6, eos], [-100, -100, 5, 6, eos])
+    assert _chosen_example([1, 3], batch, 1, max_len=64) == ([1, 3, 7, 8, 9, 10], [-100, -100, 7, 8, 9, 10])
+    assert _chosen_example([1, 3], batch, 1, max_len=3) == ([8, 9, 10], [8, 9, 10])  # long ones keep their end
+
+
+def test_best_of_n_trains_on_the_best_answers_and_reports_what_it_picked(tiny_model_dir, tmp_path):  # noqa: F811
+    prompts = [[{"role": "user", "content": p}] for p in SHORT_ANSWER_PROMPTS[:6]]
+    scored = []
+
+    def longest(asked, texts):
+        scored.append(len(texts))
+        return torch.tensor([float(len(t)) for t in texts])
+
+    cfg = BestOfNConfig(n=4, prompts=5, max_new_tokens=8, sample_batch_size=8, batch_size=4, dtype="float32", objective="sft", epochs=2)
+    metrics = train_best_of_n(tiny_model_dir, [{"prompt": p} for p in prompts], tmp_path, longest, cfg, quiet=True)
+    assert metrics["prompts"] == 5 and metrics["answers"] == 20 and sum(scored) == 20
+    assert metrics["score_best"] > metrics["score_all"]  # random answers differ in length: the best is above the mean
+    assert metrics["fit_steps"] == 4  # 5 examples, batches of 4, 2 epochs
+    assert json.loads((tmp_path / "best_of_n.json").read_text())["answers"] == 20
+    assert (tmp_path / "adapter_model.safetensors").exists()
+
+
+def test_a_time_budget_samples_fewer_prompts(tiny_model_dir, tmp_path):  # noqa: F811
+    prompts = [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS]
+    cfg = BestOfNConfig(n=2, prompts=16, max_new_tokens=8, sample_batch_size=2, batch_size=4, dtype="float32", time_budget_s=0.01)
+    metrics = train_best_of_n(tiny_model_dir, prompts, tmp_path, rule_reward, cfg, quiet=True)
+    # A budget smaller than any batch: the two measuring batches, then one SFT step (the warm-up) at least.
+    assert metrics["planned_batches"] == 2 and metrics["prompts"] == 2 and metrics["fit_steps"] >= 1
+
+
+@pytest.mark.slow
+def test_best_of_n_raises_a_rule_reward_on_the_real_model(real_model_dir, tmp_path):  # noqa: F811
+    cfg = BestOfNConfig(n=8, prompts=16, max_new_tokens=24, objective="dpo", lr=1e-3, epochs=3)
+    metrics = train_best_of_n(real_model_dir, [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS],
+                              tmp_path, rule_reward, cfg, quiet=True)
+    assert metrics["score_best"] > metrics["score_all"]
+
+    before, after = rule_scores_before_after(real_model_dir, tmp_path, SHORT_ANSWER_PROMPTS)
+    assert after > before + 0.15, (before, after)
+
+
+def test_dpo_pairs_each_prompts_best_with_its_worst_and_moves_toward_the_best(tiny_model_dir, tmp_path):  # noqa: F811
+    prompts = [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS[:4]]
+    cfg = BestOfNConfig(n=4, prompts=4, max_new_tokens=8, sample_batch_size=8, batch_size=4, dtype="float32",
+                        objective="dpo", lr=1e-2, epochs=8)
+    metrics = train_best_of_n(tiny_model_dir, prompts, tmp_path, lambda asked, texts: torch.tensor([float(len(t)) for t in texts]),
+                              cfg, quiet=True)
+    assert metrics["prompts"] == 4 and metrics["fit_steps"] == 8
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert losses[0] == pytest.approx(0.6931, abs=1e-3)  # log 2: the policy starts as its own reference
+    assert losses[-1] < losses[0] - 0.05  # it learns to prefer the best answers to the worst
+    with pytest.raises(ValueError, match="objective"):
+        BestOfNConfig(objective="ppo")

@@ -1,0 +1,175 @@
+"""Best-of-n distillation (rejection sampling): the policy writes `n` answers to each of up to
+`prompts` training prompts, the reward model scores them, and SFT trains the policy on the best
+answer of each prompt (Llama 2's rejection-sampling fine-tuning; InstructGPT's reward model used
+the way best-of-n sampling uses it at serving time, then distilled into the policy).
+
+Why, beside PPO: PPO learns from the reward's differences within a batch of 8 answers to 8 different
+prompts, and for a taste that only a few answers show at all, that signal sits below its noise (run K
+in bench/RESULTS.md: no trend in 24 steps). Here the n answers share a prompt, so the reward model
+only has to rank answers to the same question, which is what it was trained on, and the policy is
+pulled toward the best it can already write. One round can buy at most the oracle's best-of-n win
+rate (bench/frozen_reward.py measures both).
+
+The answers are trained on exactly as they were sampled (the same tokens); an answer cut off at
+`max_new_tokens` is trained without an end-of-turn token, so the policy learns its words, not to stop
+mid-sentence. With a time budget, sampling and scoring get `sample_share` of it and are sized from
+their own measured speed (train.budget); SFT gets what is left.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+import hardware
+from train import common, data
+from train.budget import Pace
+from train.ppo import RewardFn, generate, token_logprobs
+from train.sft import SFTConfig, chunks, fit, lora_config, padded
+
+OBJECTIVES = ("sft", "dpo")
+
+
+@dataclass
+class BestOfNConfig(SFTConfig):
+    """SFT's settings (lr, epochs, batch_size, LoRA...) for the training, plus how to sample."""
+
+    n: int = 8  # answers per prompt
+    prompts: int = 64  # prompts at most; a time budget may sample fewer
+    max_new_tokens: int = 64
+    temperature: float = 0.7
+    sample_batch_size: int = 16  # answers per generate call (n of them share a prompt)
+    max_prompt_len: int = 512
+    sample_share: float = 0.6  # of the time budget, for sampling and scoring; training gets the rest
+    # `dpo`: prefer each prompt's best answer to its worst (DPO's loss, the policy as it was before this
+    # step the reference, at `beta`); `sft`: imitate the best answer. DPO at a LoRA learning rate of 1e-3
+    # learned an unseen taste from a frozen reward model where SFT on the same answers, at 2e-4 or 5e-4,
+    # and PPO did not (bench/RESULTS.md, "Best-of-n").
+    objective: str = "dpo"
+    beta: float = 0.1
+    lr: float = 1e-3
+    epochs: int = 3
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, not {self.objective!r}")
+
+
+def _chosen_example(prompt_ids: list[int], batch: dict, row: int, max_len: int) -> tuple[list[int], list[int]]:
+    """(ids, labels) of one sampled answer: the prompt unlabelled, the answer's own tokens labelled
+    (with its end-of-turn token only when it ended)."""
+    tokens = batch["responses"][row][batch["mask"][row].bool()].tolist()
+    ids = (prompt_ids + tokens)[-max_len:]
+    labels = ([-100] * len(prompt_ids) + tokens)[-max_len:]
+    return ids, labels
+
+
+def sequence_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per row, the summed log-probability of its labelled tokens; the LM head runs only on those."""
+    trunk, head = common.backbone_and_head(model)
+    hidden = common.last_hidden(trunk, ids, mask)[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    logp, _ = token_logprobs(head(hidden[keep]), targets[keep], 1.0)
+    return torch.zeros(len(ids), device=ids.device).index_add_(0, keep.nonzero()[:, 0], logp)
+
+
+def dpo_pairs(model, pairs: list[tuple], pad_id: int, device, batch_size: int) -> list[tuple]:
+    """(chosen, rejected, their log-probabilities under the model as it is now: DPO's reference)."""
+    out = []
+    model.eval()
+    with torch.no_grad():
+        for chunk in chunks(pairs, batch_size, None):
+            ids, labels, mask = padded([c for c, _ in chunk] + [r for _, r in chunk], pad_id)
+            logp = sequence_logprobs(model, ids.to(device), labels.to(device), mask.to(device)).cpu()
+            out += [(c, r, float(logp[i]), float(logp[len(chunk) + i])) for i, (c, r) in enumerate(chunk)]
+    return out
+
+
+def train_best_of_n(
+    model_dir: str | Path,
+    prompts,
+    out_dir: str | Path,
+    reward_fn: RewardFn,
+    cfg: BestOfNConfig | None = None,
+    *,
+    init_adapter: str | Path | None = None,
+    quiet: bool = False,
+) -> dict:
+    """Sample, pick each prompt's best answer by `reward_fn`, fine-tune on them, save the adapter in
+    `out_dir`. `prompts`: a JSONL path or rows (train.data.read_prompts); `init_adapter`: the policy
+    to sample from and continue (None: the base model and a fresh LoRA). Returns figures: the mean
+    score of all answers and of the chosen ones (`score_all`, `score_best`), the share of chosen
+    answers that ended, what the budget chose, and the training loop's own figures (`fit_*`)."""
+    cfg = cfg or BestOfNConfig()
+    started = time.monotonic()
+    out_dir = Path(out_dir)
+    rows = data.read_prompts(prompts)
+    if not rows:
+        raise data.DataError("no prompts to sample from")
+    common.seed_all(cfg.seed)
+    device = common.pick_device()
+    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
+    tokenizer = common.load_tokenizer(model_dir)
+    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
+
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+    chosen_rows = [rows[i] for i in order[: cfg.prompts]]
+    per_call = max(1, cfg.sample_batch_size // cfg.n)
+    chunks = [chosen_rows[i : i + per_call] for i in range(0, len(chosen_rows), per_call)]
+    pace = Pace(None if cfg.time_budget_s is None else cfg.time_budget_s * cfg.sample_share)
+    total = pace.start(len(chunks), floor=1)
+    examples, all_scores, best_scores, best_ended = [], [], [], []  # examples: (ids, labels), or (best, worst) for dpo
+    done = 0
+    while done < total:
+        chunk = chunks[done]
+        asked = [p for p in chunk for _ in range(cfg.n)]
+        with torch.no_grad():
+            batch = generate(model, tokenizer, asked, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_len)
+            scores = reward_fn(asked, batch["texts"]).float().cpu().view(len(chunk), cfg.n)
+        for i, prompt in enumerate(chunk):
+            best, worst = i * cfg.n + int(scores[i].argmax()), i * cfg.n + int(scores[i].argmin())
+            prompt_ids = common.encode_prompt(tokenizer, prompt)[-cfg.max_prompt_len :]
+            example = _chosen_example(prompt_ids, batch, best, cfg.max_len)
+            if cfg.objective == "dpo":
+                if scores[i].max() == scores[i].min():
+                    continue  # nothing to prefer
+                example = (example, _chosen_example(prompt_ids, batch, worst, cfg.max_len))
+            examples.append(example)
+            best_ended.append(bool(batch["ended"][best]))
+        all_scores += scores.flatten().tolist()
+        best_scores += scores.max(1).values.tolist()
+        done += 1
+        total = pace.step_done(done)
+        if not quiet:
+            rate = done * len(asked) / (time.monotonic() - pace.started)
+            print(f"best-of-{cfg.n}: {done}/{total} batches, {rate:.1f} answers/s, "
+                  f"ETA {(total - done) * len(asked) / rate:.0f} s", flush=True)
+    sampled = {"prompts": len(examples), "answers": len(all_scores), "sample_s": round(time.monotonic() - started, 2),
+               "score_all": sum(all_scores) / len(all_scores), "score_best": sum(best_scores) / len(best_scores),
+               "best_ended": sum(best_ended) / len(best_ended), "planned_batches": total,
+               "measured_s_per_batch": pace.s_per_step}
+
+    left = None if cfg.time_budget_s is None else max(0.0, cfg.time_budget_s - (time.monotonic() - started))
+
+    def dpo_loss(chunk):
+        k = len(chunk)
+        ids, labels, mask = padded([c[0] for c in chunk] + [c[1] for c in chunk], tokenizer.pad_token_id)
+        logp = sequence_logprobs(model, ids.to(device), labels.to(device), mask.to(device))
+        reference = torch.tensor([[c[2], c[3]] for c in chunk], device=device)
+        margin = (logp[:k] - reference[:, 0]) - (logp[k:] - reference[:, 1])
+        return -torch.nn.functional.logsigmoid(cfg.beta * margin).mean(), int((labels != -100).sum())
+
+    if cfg.objective == "dpo":
+        examples = dpo_pairs(model, examples, tokenizer.pad_token_id, device, cfg.batch_size)
+    trained = fit(model, examples, cfg, Pace(left), out_dir, tokenizer.pad_token_id, device, quiet,
+                  batch_loss=dpo_loss if cfg.objective == "dpo" else None)
+    model.save_pretrained(str(out_dir))
+    common.write_json(out_dir / "train_config.json", {"step": "best_of_n", "model": str(model_dir),
+                                                      "init_adapter": init_adapter, **asdict(cfg)})
+    common.write_json(out_dir / "best_of_n.json", sampled)
+    return {**sampled, **{f"fit_{k}": v for k, v in trained.items()}, "time_budget_s": cfg.time_budget_s,
+            "planned_steps": trained["planned_steps"], "measured_s_per_step": trained["measured_s_per_step"]}
