@@ -42,7 +42,7 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     assert {"reward_model/adapter_model.safetensors", "reward_model/reward_stats.json"} <= set(artifacts.load_manifest(v1)["files"])
     steps = first["steps"]
     assert list(steps)[:5] == ["building_data", "sft", "reward_model", "best_of_n", "ppo"]
-    assert steps["best_of_n"]["prompts"] == 4 and steps["best_of_n"]["answers"] == 8 and steps["best_of_n"]["fit_steps"] > 0
+    assert steps["best_of_n"]["prompts"] == 4 and steps["best_of_n"]["answers"] == 8 and steps["best_of_n"]["steps"] > 0
     assert steps["ppo"]["reference"] == "base" and steps["reward_model"]["init_from"] is None
     assert steps["reward_model"]["probe_reads"] in ("last", "mean", "last+mean") and steps["reward_model"]["probe_l2"] > 0
     assert steps["evaluating"]["kl"] == steps["evaluating"]["kl_base"]  # the base model served: one reference

@@ -117,7 +117,7 @@ def test_gate_takes_the_held_out_prompts_that_fit_but_never_fewer_than_its_floor
 def test_step_budgets_are_shares_of_the_time_left():
     assert step_budget("sft", 600) == pytest.approx(600 * SHARES["sft"])
     # SFT took none of its 60 s: the steps after it share them in their proportions
-    assert step_budget("reward_model", 600) == pytest.approx(600 * 0.35 / 0.90)
+    assert step_budget("reward_model", 600) == pytest.approx(600 * SHARES["reward_model"] / 0.90)
     assert step_budget("evaluating", 100) == pytest.approx(100 * 0.15 / 0.20)
     assert step_budget("ppo", -5) == 0.0
 
@@ -130,6 +130,7 @@ def test_a_cycle_records_its_budget_and_what_each_step_chose(tiny_model_dir, tmp
     overrides = {"cycle_minutes": 1e-4,  # 6 ms: every step at its floor
                  "sft": {"max_steps": 6, "batch_size": 4, "max_len": 128},
                  "rm": {"epochs": 1, "max_steps": 6, "batch_size": 4, "max_len": 128},
+                 "best_of_n": {"n": 2, "prompts": 8, "max_new_tokens": 8, "sample_batch_size": 4, "batch_size": 4, "max_len": 128},
                  "ppo": {"steps": 6, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 8},
                  "gate": {"batch_size": 1, "min_prompts": 1, "max_new_tokens": 8, "canaries": []}}
     cfg = CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": tmp_path / "adapters", "gateway_url": None},
@@ -138,7 +139,8 @@ def test_a_cycle_records_its_budget_and_what_each_step_chose(tiny_model_dir, tmp
     row = run_cycle(store, cycle_id, cfg)
     assert row["state"] in ("published", "rejected"), row["error"]
     assert row["budget_s"] == pytest.approx(0.006)
-    for step in ("sft", "reward_model", "ppo"):
+    assert row["steps"]["best_of_n"]["planned_batches"] == 2  # the two it measured its speed on
+    for step in ("sft", "reward_model", "best_of_n", "ppo"):
         chosen = row["steps"][step]
         assert chosen["time_budget_s"] == 0.0 and chosen["planned_steps"] == chosen["steps"] == 2, (step, chosen)
         assert chosen["measured_s_per_step"] > 0
