@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 
-import hardware
 from train import common, data
 from train.budget import Pace
 from train.ppo import RewardFn, generate, token_logprobs
@@ -110,10 +109,7 @@ def train_best_of_n(
     rows = data.read_prompts(prompts)
     if not rows:
         raise data.DataError("no prompts to sample from")
-    common.seed_all(cfg.seed)
-    device = common.pick_device()
-    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
-    tokenizer = common.load_tokenizer(model_dir)
+    device, dtype, tokenizer = common.setup(model_dir, cfg)
     model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
 
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

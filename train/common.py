@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+import hardware
+
 # vLLM serves LoRA on these Llama modules (rank <= 16 with the server's --max-lora-rank 16).
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 
@@ -34,6 +36,14 @@ def quiet_transformers() -> None:
 
     logging.set_verbosity_error()
     logging.disable_progress_bar()
+
+
+def setup(model_dir, cfg):
+    """What every trainer does first: seed (`cfg.seed`), pick the device and the dtype this hardware
+    runs best (`cfg.dtype`, see hardware.choose), load the tokenizer. Returns (device, dtype, tokenizer)."""
+    seed_all(cfg.seed)
+    device = pick_device()
+    return device, hardware.choose(cfg.dtype, device.type).torch_dtype, load_tokenizer(model_dir)
 
 
 def load_tokenizer(model_dir):

@@ -50,7 +50,6 @@ from typing import Callable
 
 import torch
 
-import hardware
 from train import common, data
 from train.budget import Pace
 from train.sft import batches, lm_loss, lora_config, make_examples
@@ -445,10 +444,7 @@ def train_ppo(
     all_prompts = data.read_prompts(prompts)
     if not all_prompts:
         raise data.DataError("no prompts to train on")
-    common.seed_all(cfg.seed)
-    device = common.pick_device()
-    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
-    tokenizer = common.load_tokenizer(model_dir)
+    device, dtype, tokenizer = common.setup(model_dir, cfg)
     demos = demonstration_batches(tokenizer, demonstrations, cfg, device) if demonstrations and cfg.ptx_coef > 0 else None
     model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter, reference_adapter=reference_adapter)
     value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)

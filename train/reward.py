@@ -378,10 +378,7 @@ def train_reward_model(
     cfg = cfg or RewardConfig()
     pace = Pace(cfg.time_budget_s)
     out_dir = Path(out_dir)
-    common.seed_all(cfg.seed)
-    device = common.pick_device()
-    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
-    tokenizer = common.load_tokenizer(model_dir)
+    device, dtype, tokenizer = common.setup(model_dir, cfg)
     pairs = read_pairs(records)
     if eval_records is not None:
         train_pairs, eval_pairs = pairs, data.read_pairs(eval_records)

@@ -15,7 +15,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import hardware
 from train import common, data
 from train.budget import FORWARD_SHARE, Pace
 
@@ -162,10 +161,7 @@ def train_sft(
     cfg = cfg or SFTConfig()
     pace = Pace(cfg.time_budget_s)
     out_dir = Path(out_dir)
-    common.seed_all(cfg.seed)
-    device = common.pick_device()
-    dtype = hardware.choose(cfg.dtype, device.type).torch_dtype
-    tokenizer = common.load_tokenizer(model_dir)
+    device, dtype, tokenizer = common.setup(model_dir, cfg)
     train_ex = make_examples(tokenizer, data.read_sft(records), cfg.max_len)
     eval_ex = make_examples(tokenizer, data.read_sft(eval_records), cfg.max_len) if eval_records is not None else []
     if not train_ex:
