@@ -11,6 +11,10 @@ model (ties half, 95% interval). Variants:
   best-of-n-dpo       the same answers, DPO on each prompt's best against its worst
   best-of-n+ppo       best-of-n distillation, then PPO from it
 
+Each trained variant also goes through the cycle's gate against the base model (train.evaluate on
+the held-out prompts, canaries off): its KL to the base model in nats per answer, the share of the
+shipped capability items it still answers, and which checks fail.
+
 Two rows need no training and bound what one round of best-of-n can buy: `RM pick of n` (the
 reward model picks one of the base model's n answers per prompt) and `oracle pick of n` (the
 simulated user's own preference picks it).
@@ -75,6 +79,18 @@ def picked(answers: dict, n: int, samples: int, better) -> dict:
     return out
 
 
+def gate(model_dir, adapter: Path, rm, heldout) -> dict:
+    """The cycle's gate, candidate against the base model: KL, capability pass share, failed checks."""
+    from train.evaluate import GateConfig, evaluate_adapter
+
+    verdict = evaluate_adapter(model_dir, adapter, reward_model=rm, prompts=[{"prompt": m} for m in heldout],
+                               cfg=GateConfig(max_prompts=len(heldout), canaries=()))
+    checks = verdict["checks"]
+    return {"kl": round(checks["kl"]["value"], 2), "capability": round(checks["capability_pass"]["value"], 3),
+            "capability_base": round(verdict["figures"]["capability_pass_baseline"], 3),
+            "gate_fails": [k for k, c in checks.items() if c.get("passed") is False]}
+
+
 def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dict:
     from train.best_of_n import train_best_of_n
     from train.ppo import PPOConfig, train_ppo
@@ -93,7 +109,7 @@ def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dic
                         missing_eos_penalty=0.0 if variant == "ppo-no-eos-penalty" else 1.0, seed=args.seed)
         metrics = train_ppo(model_dir, prompts, out, rm, cfg, init_adapter=policy)
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        figures.update(ppo_score=f"{steps[0]['score']:.2f} -> {steps[-1]['score']:.2f}", kl=round(metrics["kl_last"], 2),
+        figures.update(ppo_score=f"{steps[0]['score']:.2f} -> {steps[-1]['score']:.2f}", ppo_kl=round(metrics["kl_last"], 2),
                        ppo_ended=f"{steps[0]['eos_rate']:.2f} -> {steps[-1]['eos_rate']:.2f}")
     return figures
 
@@ -134,6 +150,7 @@ def main() -> None:
         started = time.monotonic()
         trained[variant] = train_variant(variant, model_dir, prompts, rm, work, args)
         trained[variant]["seconds"] = round(time.monotonic() - started)
+        trained[variant].update(gate(model_dir, work / variant, rm, heldout))
         print(f"{variant}: {trained[variant]}", flush=True)
 
     choice = hardware.choose()

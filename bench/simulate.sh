@@ -2,7 +2,7 @@
 # The recorded simulated-users run (bench/RESULTS.md, issue 7): a fresh data dir, the gateway on
 # vLLM, a worker that runs only the cycles the simulator asks for, then `loopchat simulate`.
 #   bench/simulate.sh OUT_DIR [simulate options...]     e.g. bench/simulate.sh /tmp/sim --cycles 5
-#   (any `loopchat simulate` option passes through: --recipe sft|rlhf, --rank-k 2..4, --preference ...)
+#   (any `loopchat simulate` option passes through: --recipe rlhf|sft|bon, --rank-k 2..4, --preference ...)
 # CYCLE_CONFIG (default bench/simulate-cycle.json) sets the cycle's step sizes; PORT the gateway's port.
 set -euo pipefail
 cd "$(dirname "$0")/.."

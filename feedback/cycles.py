@@ -21,7 +21,7 @@ TERMINAL = OUTCOMES + ("published",)
 FIGURES = ("n_sft", "n_pairs", "n_prompts", "budget_s", "rm_accuracy", "mean_reward", "kl", "gate", "version", "error")
 # The recipes train/recipes implements (the first is the default): what a cycle's `recipe` may name,
 # here so that the admin API validates a request without importing the trainer.
-RECIPES = ("rlhf", "sft")
+RECIPES = ("rlhf", "sft", "bon")
 
 
 def this_worker() -> str:

@@ -298,7 +298,7 @@ class Gateway:
         self.request("POST", "/v1/feedback", json=body)
 
     def queue_cycle(self, recipe: str | None = None) -> int | None:
-        """A new cycle's id; None when one is already active (409). `recipe`: sft, rlhf (None: the worker's)."""
+        """A new cycle's id; None when one is already active (409). `recipe`: one of feedback.cycles.RECIPES (None: the worker's)."""
         body = {"json": {"recipe": recipe}} if recipe else {}
         r = self.request("POST", "/admin/cycles", ok=(202, 409), **body)
         return r.json()["id"] if r.status_code == 202 else None

@@ -155,11 +155,11 @@ def test_cycle_run_recipe_flag_is_stored_and_validated(data_dir, ran):
     assert result.exit_code == 0, result.output
     assert cycles.get_cycle(store, ran[0])["recipe"] == "sft"
     result = cycle_run(data_dir, "--recipe", "nope")
-    assert result.exit_code == 2 and "'nope' is not one of 'rlhf', 'sft'" in result.output and ran == [1]
-    assert "--recipe [rlhf|sft]" in CliRunner().invoke(loop.worker, ["--help"]).output
+    assert result.exit_code == 2 and "'nope' is not one of 'rlhf', 'sft', 'bon'" in result.output and ran == [1]
+    assert "--recipe [rlhf|sft|bon]" in CliRunner().invoke(loop.worker, ["--help"]).output
 
 
-@pytest.mark.parametrize("overrides, message", [({"recipe": "ppo-only"}, "unknown recipe 'ppo-only'; one of rlhf, sft"),
+@pytest.mark.parametrize("overrides, message", [({"recipe": "ppo-only"}, "unknown recipe 'ppo-only'; one of rlhf, sft, bon"),
                                                 ({"init": "scratch"}, "init must be one of serving, base"),
                                                 ({"end_at": "canary", "canary_share": 1.5}, "canary_share must be between 0 and 1")])
 def test_a_bad_cycle_config_is_a_one_line_error(data_dir, ran, overrides, message):

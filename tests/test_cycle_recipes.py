@@ -1,6 +1,6 @@
 """Whole cycles on a tiny random Llama in front of the in-process gateway (fake engine): the rlhf
-recipe (SFT, reward model, best-of-n, PPO, in that order) continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
-started from the one published with it) and may end at a canary; the sft recipe runs no PPO; `init:
+recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
+started from the one published with it) and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
 base` starts every cycle from the base model."""
 
 import httpx
@@ -41,8 +41,7 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     artifacts.verify(v1)  # the reward model's files are in the manifest's checksums
     assert {"reward_model/adapter_model.safetensors", "reward_model/reward_stats.json"} <= set(artifacts.load_manifest(v1)["files"])
     steps = first["steps"]
-    assert list(steps)[:5] == ["building_data", "sft", "reward_model", "best_of_n", "ppo"]
-    assert steps["best_of_n"]["prompts"] == 4 and steps["best_of_n"]["answers"] == 8 and steps["best_of_n"]["steps"] > 0
+    assert list(steps)[:4] == ["building_data", "sft", "reward_model", "ppo"]
     assert steps["ppo"]["reference"] == "base" and steps["reward_model"]["init_from"] is None
     assert steps["reward_model"]["probe_reads"] in ("last", "mean", "last+mean") and steps["reward_model"]["probe_l2"] > 0
     assert steps["evaluating"]["kl"] == steps["evaluating"]["kl_base"]  # the base model served: one reference
@@ -95,3 +94,16 @@ def test_canary_share_must_be_a_fraction(tiny_model_dir, tmp_path, share):  # no
     with pytest.raises(ValueError, match="canary_share"):
         CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": tmp_path}, {"end_at": "canary",
                                                                                         "canary_share": share})
+
+
+def test_bon_recipe_runs_best_of_n_on_the_reward_model_then_ppo_from_it(tiny_model_dir, tmp_path):  # noqa: F811
+    store = Store(tmp_path / "loopchat.db")
+    vote_shorter(store, 16)
+    row = cycle(store, tiny_model_dir, tmp_path / "adapters", recipe="bon")
+    assert row["state"] == "published" and row["recipe"] == "bon", row["error"]
+    steps = row["steps"]
+    assert list(steps)[:5] == ["building_data", "sft", "reward_model", "best_of_n", "ppo"]
+    assert steps["best_of_n"]["prompts"] == 4 and steps["best_of_n"]["answers"] == 8 and steps["best_of_n"]["steps"] > 0
+    assert steps["best_of_n"]["score_best"] > steps["best_of_n"]["score_all"]
+    assert steps["ppo"]["steps"] == TINY["ppo"]["steps"]  # PPO went on from best-of-n's policy
+    assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["best_of_n"]["n"] == 2

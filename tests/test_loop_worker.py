@@ -22,7 +22,6 @@ TINY_CYCLE = {
     "min_pairs": 4,
     "sft": {"max_steps": 2, "batch_size": 4, "max_len": 128},
     "rm": {"epochs": 1, "max_steps": 3, "batch_size": 4, "max_len": 128},
-    "best_of_n": {"n": 2, "prompts": 4, "max_new_tokens": 8, "sample_batch_size": 4, "batch_size": 4, "max_len": 128},
     "ppo": {"steps": 6, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 8},
     "gate": {"max_prompts": 4, "batch_size": 4, "max_new_tokens": 8, "canaries": [], "min_rm_accuracy": 0.0,
              "min_reward_gain": -1000.0, "max_kl": 1000.0},

@@ -25,7 +25,6 @@ TINY_CYCLE = {
     "min_pairs": 4,
     "sft": {"max_steps": 4, "batch_size": 4, "max_len": 256},
     "rm": {"epochs": 2, "batch_size": 4, "max_len": 256},
-    "best_of_n": {"n": 4, "prompts": 4, "max_new_tokens": 24, "sample_batch_size": 8, "batch_size": 4, "max_len": 256},
     "ppo": {"steps": 3, "batch_size": 4, "minibatches": 1, "ppo_epochs": 1, "max_new_tokens": 24},
     "gate": {"max_prompts": 4, "batch_size": 4, "max_new_tokens": 24, "canary_max_new_tokens": 32},
 }

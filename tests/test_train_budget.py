@@ -135,7 +135,7 @@ def test_a_cycle_records_its_budget_and_what_each_step_chose(tiny_model_dir, tmp
                  "gate": {"batch_size": 1, "min_prompts": 1, "max_new_tokens": 8, "canaries": []}}
     cfg = CycleConfig.from_dict({"model_dir": tiny_model_dir, "adapters_dir": tmp_path / "adapters", "gateway_url": None},
                                 overrides)
-    cycle_id = cycles.queue_cycle(store, claim=True)
+    cycle_id = cycles.queue_cycle(store, claim=True, recipe="bon")  # every step there is
     row = run_cycle(store, cycle_id, cfg)
     assert row["state"] in ("published", "rejected"), row["error"]
     assert row["budget_s"] == pytest.approx(0.006)

@@ -9,6 +9,8 @@ from pathlib import Path
 import click
 from click.core import ParameterSource
 
+from feedback.cycles import RECIPES
+
 USER_OPTIONS = [
     click.option("--gateway", default="http://127.0.0.1:8000", envvar="LOOPCHAT_GATEWAY", show_default=True,
                  help="The running gateway (only its public HTTP API is used)."),
@@ -46,7 +48,7 @@ def user_options(func):
 @click.option("--correction-rate", default=0.2, show_default=True, type=click.FloatRange(0, 1),
               help="Share of thumbs that come with a correction (when the preference can correct).")
 @click.option("--cycles", default=3, show_default=True, type=click.IntRange(0), help="Rounds of feedback + cycle.")
-@click.option("--recipe", type=click.Choice(["sft", "rlhf"]), default=None,
+@click.option("--recipe", type=click.Choice(RECIPES), default=None,
               help="The recipe each cycle runs (sent with the cycle request; default: the worker's).")
 @click.option("--comparisons", default=48, show_default=True, type=click.IntRange(0), help="Comparisons per round.")
 @click.option("--thumbs", default=24, show_default=True, type=click.IntRange(0), help="Thumbs per round.")

@@ -8,8 +8,9 @@ A recipe is a small module with
   SHARES  the part of the cycle's time budget each of those steps and the gate (`evaluating`) get;
           what is left over pays for building the data, publishing and promoting.
 
-  rlhf  SFT, reward model, best-of-n, PPO: InstructGPT's recipe (the default; see train.recipes.rlhf)
+  rlhf  SFT, reward model, PPO: InstructGPT's recipe (the default)
   sft   SFT on demonstrations and comparison winners, no PPO (see train.recipes.sft)
+  bon   SFT, reward model, best-of-n with DPO, PPO (see train.recipes.bon)
 """
 
 from __future__ import annotations
@@ -17,9 +18,9 @@ from __future__ import annotations
 from types import ModuleType
 
 from feedback.cycles import RECIPES
-from train.recipes import rlhf, sft
+from train.recipes import bon, rlhf, sft
 
-BY_NAME: dict[str, ModuleType] = {"rlhf": rlhf, "sft": sft}
+BY_NAME: dict[str, ModuleType] = {"rlhf": rlhf, "sft": sft, "bon": bon}
 assert tuple(BY_NAME) == RECIPES, "feedback.cycles.RECIPES names the recipes the API accepts"
 DEFAULT = RECIPES[0]
 

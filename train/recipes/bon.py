@@ -1,0 +1,15 @@
+"""InstructGPT's recipe with best-of-n before PPO (as Llama 2's rejection sampling precedes its PPO):
+SFT, the reward model, then best-of-n (8 answers to each of up to 64 training prompts, DPO on the
+reward model's best answer against its worst, train.best_of_n), then PPO from there.
+
+Not the default, on the evidence so far (bench/RESULTS.md, "Best-of-n"): against one frozen reward model
+it learned a taste PPO did not (0.617 against the base model where 24 PPO steps won 0.517), but at the
+strengths that learn it the policy also lost shipped capability items (0.69-0.74 of them answered against
+the base model's 1.0), so the gate rejects it, as it did run L's first cycle."""
+
+from train.recipes import steps
+
+STEPS = (steps.sft, steps.reward_model, steps.best_of_n, steps.ppo)
+# The rlhf recipe's shares for SFT, the reward model and the gate (run D's durations); best-of-n
+# (64 prompts x 8 answers, ~270 s on the AVX-512 kind) takes most of what PPO had there.
+SHARES = {"sft": 0.10, "reward_model": 0.30, "best_of_n": 0.25, "ppo": 0.15, "evaluating": 0.15}
