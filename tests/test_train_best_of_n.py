@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from train.best_of_n import BestOfNConfig, _chosen_example, train_best_of_n
+from train.data import DataError
 from train_fixtures import real_model_dir, rule_reward, rule_scores_before_after, tiny_model_dir  # noqa: F401  (fixtures)
 from test_train_real import SHORT_ANSWER_PROMPTS
 
@@ -67,3 +68,10 @@ def test_dpo_pairs_each_prompts_best_with_its_worst_and_moves_toward_the_best(ti
     assert losses[-1] < losses[0] - 0.05  # it learns to prefer the best answers to the worst
     with pytest.raises(ValueError, match="objective"):
         BestOfNConfig(objective="ppo")
+
+
+def test_answers_the_reward_cannot_tell_apart_are_a_clear_error(tiny_model_dir, tmp_path):  # noqa: F811
+    prompts = [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS[:2]]
+    cfg = BestOfNConfig(n=2, prompts=2, max_new_tokens=4, sample_batch_size=4, dtype="float32")
+    with pytest.raises(DataError, match="scored all 2 answers to each prompt alike"):
+        train_best_of_n(tiny_model_dir, prompts, tmp_path, lambda asked, texts: torch.zeros(len(texts)), cfg, quiet=True)

@@ -1,7 +1,8 @@
-"""Best-of-n distillation (rejection sampling): the policy writes `n` answers to each of up to
-`prompts` training prompts, the reward model scores them, and SFT trains the policy on the best
-answer of each prompt (Llama 2's rejection-sampling fine-tuning; InstructGPT's reward model used
-the way best-of-n sampling uses it at serving time, then distilled into the policy).
+"""Best-of-n: the policy writes `n` answers to each of up to `prompts` training prompts, the reward
+model scores them, and the policy is trained toward each prompt's best answer: with DPO against the
+same prompt's worst answer (`objective="dpo"`, the default), or by imitating it (`"sft"`, Llama 2's
+rejection-sampling fine-tuning). It is the reward model used the way best-of-n sampling uses it at
+serving time, then distilled into the policy.
 
 Why, beside PPO: PPO learns from the reward's differences within a batch of 8 answers to 8 different
 prompts, and for a taste that only a few answers show at all, that signal sits below its noise (run K
@@ -13,7 +14,10 @@ rate (bench/frozen_reward.py measures both).
 The answers are trained on exactly as they were sampled (the same tokens); an answer cut off at
 `max_new_tokens` is trained without an end-of-turn token, so the policy learns its words, not to stop
 mid-sentence. With a time budget, sampling and scoring get `sample_share` of it and are sized from
-their own measured speed (train.budget); SFT gets what is left.
+their own measured speed (train.budget); training gets what is left.
+
+What it costs: at the strengths that learned an unseen taste, the policy also lost shipped capability
+items, which the gate rejects (bench/RESULTS.md, "Best-of-n"); so it is the `bon` recipe, not the default.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ class BestOfNConfig(SFTConfig):
     # `dpo`: prefer each prompt's best answer to its worst (DPO's loss, the policy as it was before this
     # step the reference, at `beta`); `sft`: imitate the best answer. DPO at a LoRA learning rate of 1e-3
     # learned an unseen taste from a frozen reward model where SFT on the same answers, at 2e-4 or 5e-4,
-    # and PPO did not (bench/RESULTS.md, "Best-of-n").
+    # and PPO did not, and at beta 0.5 it did not either (bench/RESULTS.md, "Best-of-n").
     objective: str = "dpo"
     beta: float = 0.1
     lr: float = 1e-3
@@ -115,18 +119,18 @@ def train_best_of_n(
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     chosen_rows = [rows[i] for i in order[: cfg.prompts]]
     per_call = max(1, cfg.sample_batch_size // cfg.n)
-    chunks = [chosen_rows[i : i + per_call] for i in range(0, len(chosen_rows), per_call)]
+    groups = [chosen_rows[i : i + per_call] for i in range(0, len(chosen_rows), per_call)]  # one generate call each
     pace = Pace(None if cfg.time_budget_s is None else cfg.time_budget_s * cfg.sample_share)
-    total = pace.start(len(chunks), floor=1)
+    total = pace.start(len(groups), floor=1)
     examples, all_scores, best_scores, best_ended = [], [], [], []  # examples: (ids, labels), or (best, worst) for dpo
     done = 0
     while done < total:
-        chunk = chunks[done]
-        asked = [p for p in chunk for _ in range(cfg.n)]
+        group = groups[done]
+        asked = [p for p in group for _ in range(cfg.n)]
         with torch.no_grad():
             batch = generate(model, tokenizer, asked, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_len)
-            scores = reward_fn(asked, batch["texts"]).float().cpu().view(len(chunk), cfg.n)
-        for i, prompt in enumerate(chunk):
+            scores = reward_fn(asked, batch["texts"]).float().cpu().view(len(group), cfg.n)
+        for i, prompt in enumerate(group):
             best, worst = i * cfg.n + int(scores[i].argmax()), i * cfg.n + int(scores[i].argmin())
             prompt_ids = common.encode_prompt(tokenizer, prompt)[-cfg.max_prompt_len :]
             example = _chosen_example(prompt_ids, batch, best, cfg.max_len)
@@ -144,6 +148,8 @@ def train_best_of_n(
             rate = done * len(asked) / (time.monotonic() - pace.started)
             print(f"best-of-{cfg.n}: {done}/{total} batches, {rate:.1f} answers/s, "
                   f"ETA {(total - done) * len(asked) / rate:.0f} s", flush=True)
+    if not examples:
+        raise data.DataError(f"the reward model scored all {cfg.n} answers to each prompt alike: nothing to prefer")
     sampled = {"prompts": len(examples), "answers": len(all_scores), "sample_s": round(time.monotonic() - started, 2),
                "score_all": sum(all_scores) / len(all_scores), "score_best": sum(best_scores) / len(best_scores),
                "best_ended": sum(best_ended) / len(best_ended), "planned_batches": total,
