@@ -16,8 +16,8 @@ The answers are trained on exactly as they were sampled (the same tokens); an an
 mid-sentence. With a time budget, sampling and scoring get `sample_share` of it and are sized from
 their own measured speed (train.budget); training gets what is left.
 
-What it costs: at the strengths that learned an unseen taste, the policy also lost shipped capability
-items, which the gate rejects (bench/RESULTS.md, "Best-of-n"); so it is the `bon` recipe, not the default.
+What it costs: at 3 epochs, the policy also lost shipped capability items, which the gate rejects
+(bench/RESULTS.md, "Best-of-n"); so it is the `bon` recipe, not the default, until a loop shows it.
 """
 
 from __future__ import annotations
@@ -50,11 +50,13 @@ class BestOfNConfig(SFTConfig):
     # `dpo`: prefer each prompt's best answer to its worst (DPO's loss, the policy as it was before this
     # step the reference, at `beta`); `sft`: imitate the best answer. DPO at a LoRA learning rate of 1e-3
     # learned an unseen taste from a frozen reward model where SFT on the same answers, at 2e-4 or 5e-4,
-    # and PPO did not, and at beta 0.5 it did not either (bench/RESULTS.md, "Best-of-n").
+    # and PPO did not, and at beta 0.5 it did not either. Epochs trade the taste against capabilities:
+    # 1 passed the gate but learned within noise, 3 learned most but lost capability items the gate
+    # guards, 2 learned as much as the reward model's own pick of 8 and passed (bench/RESULTS.md, "Best-of-n").
     objective: str = "dpo"
     beta: float = 0.1
     lr: float = 1e-3
-    epochs: int = 3
+    epochs: int = 2
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:

@@ -3,9 +3,9 @@ SFT, the reward model, then best-of-n (8 answers to each of up to 64 training pr
 reward model's best answer against its worst, train.best_of_n), then PPO from there.
 
 Not the default, on the evidence so far (bench/RESULTS.md, "Best-of-n"): against one frozen reward model
-it learned a taste PPO did not (0.617 against the base model where 24 PPO steps won 0.517), but at the
-strengths that learn it the policy also lost shipped capability items (0.69-0.74 of them answered against
-the base model's 1.0), so the gate rejects it, as it did run L's first cycle."""
+it learned a taste PPO did not (0.583-0.617 against the base model where 24 PPO steps won 0.517), but at
+3 epochs the policy also lost shipped capability items, and the gate rejected it, as it did run L's first
+cycle (with PPO after it). At 2 epochs (the default since) it passed the gate there; not yet run as a loop."""
 
 from train.recipes import steps
 
