@@ -31,7 +31,7 @@ import torch
 from train import common, data
 from train.budget import Pace
 from train.ppo import RewardFn, generate, token_logprobs
-from train.sft import SFTConfig, chunks, fit, lora_config, padded
+from train.sft import SFTConfig, chunks, fit, labelled_logits, lora_config, padded
 
 OBJECTIVES = ("sft", "dpo")
 
@@ -73,13 +73,10 @@ def _chosen_example(prompt_ids: list[int], batch: dict, row: int, max_len: int) 
 
 
 def sequence_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Per row, the summed log-probability of its labelled tokens; the LM head runs only on those."""
-    trunk, head = common.backbone_and_head(model)
-    hidden = common.last_hidden(trunk, ids, mask)[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != -100
-    logp, _ = token_logprobs(head(hidden[keep]), targets[keep], 1.0)
-    return torch.zeros(len(ids), device=ids.device).index_add_(0, keep.nonzero()[:, 0], logp)
+    """Per row, the summed log-probability of its labelled tokens."""
+    logits, targets, rows = labelled_logits(model, ids, labels, mask)
+    logp, _ = token_logprobs(logits, targets, 1.0)
+    return torch.zeros(len(ids), device=ids.device).index_add_(0, rows, logp)
 
 
 def dpo_pairs(model, pairs: list[tuple], pad_id: int, device, batch_size: int) -> list[tuple]:

@@ -59,14 +59,19 @@ def make_examples(tokenizer, conversations: list[list[dict]], max_len: int) -> l
     return out
 
 
-def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy over labelled tokens; the LM head runs only where a label exists."""
+def labelled_logits(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor):
+    """(logits, their target tokens, their rows) at the labelled positions only: the LM head runs nowhere else."""
     trunk, head = common.backbone_and_head(model)
     hidden = common.last_hidden(trunk, input_ids, attention_mask)[:, :-1]
     targets = labels[:, 1:]
     keep = targets != -100
-    logits = head(hidden[keep]).float()
-    return F.cross_entropy(logits, targets[keep])
+    return head(hidden[keep]), targets[keep], keep.nonzero()[:, 0]
+
+
+def lm_loss(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over labelled tokens."""
+    logits, targets, _ = labelled_logits(model, input_ids, labels, attention_mask)
+    return F.cross_entropy(logits.float(), targets)
 
 
 def padded(examples: list[tuple[list[int], list[int]]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
