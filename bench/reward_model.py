@@ -153,6 +153,7 @@ VARIANTS = {
     "grouped_smooth": ({"epochs": 2, "batch_size": 2, "label_smoothing": 0.1, "probe_l2": None}, True),
     "grouped_mean": ({"epochs": 2, "batch_size": 2, "pool": "last_mean", "probe_l2": None}, True),
     "probe": ({"epochs": 0, "batch_size": 2, "pool": "last_mean"}, True),  # the linear probe alone
+    "probe_early": ({"epochs": 0, "batch_size": 2, "pool": "last_mean_early"}, True),  # + an early layer's mean
     "probe_lora": ({"epochs": 2, "batch_size": 2, "pool": "last_mean"}, True),  # then LoRA steps from it
     "probe_lora_slow": ({"epochs": 2, "batch_size": 2, "pool": "last_mean", "lr": 1e-4}, True),
 }

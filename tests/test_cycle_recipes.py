@@ -11,6 +11,7 @@ from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtur
 from feedback import Store, cycles
 from train import artifacts
 from train.cycle import CycleConfig, run_cycle
+from train.reward import PROBE_READS, STATES, RewardConfig
 
 TINY = {
     "cycle_minutes": 0,
@@ -43,7 +44,8 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     steps = first["steps"]
     assert list(steps)[:4] == ["building_data", "sft", "reward_model", "ppo"]
     assert steps["ppo"]["reference"] == "base" and steps["reward_model"]["init_from"] is None
-    assert steps["reward_model"]["probe_reads"] in ("last", "mean", "last+mean") and steps["reward_model"]["probe_l2"] > 0
+    readable = {"+".join(STATES[i] for i in reads) for reads in PROBE_READS[RewardConfig().pool]}
+    assert steps["reward_model"]["probe_reads"] in readable and steps["reward_model"]["probe_l2"] > 0
     assert steps["evaluating"]["kl"] == steps["evaluating"]["kl_base"]  # the base model served: one reference
 
     second = cycle(store, tiny_model_dir, tmp_path / "adapters", fake_gateway.url, end_at="canary", canary_share=0.25)

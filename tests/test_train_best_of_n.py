@@ -41,8 +41,8 @@ def test_a_time_budget_samples_fewer_prompts(tiny_model_dir, tmp_path):  # noqa:
     prompts = [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS]
     cfg = BestOfNConfig(n=2, prompts=16, max_new_tokens=8, sample_batch_size=2, batch_size=4, dtype="float32", time_budget_s=0.01)
     metrics = train_best_of_n(tiny_model_dir, prompts, tmp_path, rule_reward, cfg, quiet=True)
-    # A budget smaller than any batch: the two measuring batches, then one SFT step (the warm-up) at least.
-    assert metrics["planned_batches"] == 2 and metrics["prompts"] == 2 and metrics["fit_steps"] >= 1
+    # A budget smaller than any batch: one batch, then one SFT step (the warm-up) at least.
+    assert metrics["sampled_batches"] == 1 and metrics["prompts"] == 1 and metrics["fit_steps"] >= 1
 
 
 @pytest.mark.slow

@@ -127,7 +127,7 @@ def test_warm_start_continues_the_earlier_model(grouped_run, tiny_model_dir, tmp
 def test_a_probe_reads_only_the_answers_its_predecessor_did_not(tiny_model_dir, tmp_path):
     """A probe-only reward model saves the states it read; the next one, warm-started, reads only the
     new answers and ends where one trained from scratch on everything ends."""
-    cfg = RewardConfig(epochs=0, pool="last_mean")
+    cfg = RewardConfig(epochs=0)
     first, more = ranking("apple") + ranking("river"), ranking("stone") + [lone("cloud")]
     held = ranking("tiger")
     before = train_reward_model(tiny_model_dir, first, tmp_path / "first", cfg, eval_records=held, quiet=True)
@@ -141,7 +141,7 @@ def test_a_probe_reads_only_the_answers_its_predecessor_did_not(tiny_model_dir, 
     assert torch.allclose(RewardModel(tmp_path / "warm", tiny_model_dir).raw(prompts, answers),
                           RewardModel(tmp_path / "scratch", tiny_model_dir).raw(prompts, answers), atol=1e-4)
     # LoRA steps change the states: such a model saves none, and its successor reads everything
-    stepped = train_reward_model(tiny_model_dir, first + more, tmp_path / "stepped", RewardConfig(max_steps=1, pool="last_mean"),
+    stepped = train_reward_model(tiny_model_dir, first + more, tmp_path / "stepped", RewardConfig(max_steps=1),
                                  init_from=tmp_path / "first", eval_records=held, quiet=True)
     assert stepped["steps"] == 1 and not (tmp_path / "stepped" / FEATURES_FILE).exists()
     after = train_reward_model(tiny_model_dir, first + more + ranking("piano"), tmp_path / "after", cfg,

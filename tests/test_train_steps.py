@@ -1,6 +1,7 @@
 """SFT, reward model, PPO, the gate and the CLI on a tiny random Llama (fast)."""
 
 import json
+import math
 
 import click
 import pytest
@@ -77,30 +78,35 @@ def test_reward_model_trains_normalises_and_feeds_the_value_head(rm_run, tiny_mo
     assert bias == pytest.approx(-rm.stats["mean"] / rm.stats["std"])
 
 
-def test_reward_model_reading_the_mean_of_the_reply(tiny_model_dir, tmp_path, caplog):
+def test_reward_model_reading_the_means_of_the_reply(tiny_model_dir, tmp_path, caplog):
     metrics = train_reward_model(tiny_model_dir, PAIRS * 2, tmp_path / "mean",
-                                 RewardConfig(lr=1e-2, epochs=2, batch_size=4, pool="last_mean"), eval_records=PAIRS[:2], quiet=True)
+                                 RewardConfig(lr=1e-2, epochs=2, batch_size=4), eval_records=PAIRS[:2], quiet=True)
     assert metrics["train_accuracy"] >= 0.75
     rm = RewardModel(tmp_path / "mean", tiny_model_dir)
+    assert rm.pool == "last_mean_early"
     prompt, reply = PAIRS[0]["prompt"], PAIRS[0]["chosen"][0]["content"]
-    # By hand: head 0 on the last token's state plus head 1 on the mean over the reply's tokens only.
+    # By hand: head 0 on the last token's final state, head 1 on the mean of the reply's final states,
+    # head 2 on the mean of the reply's states a quarter of the way up, the reply's tokens only.
     ids, n_reply = encode_pair(rm.tokenizer, prompt, reply, 1024)
     assert rm.tokenizer.decode(ids[-n_reply:]) == reply + rm.tokenizer.eos_token
     trunk, head = common.backbone_and_head(rm.model)
     with torch.no_grad():
-        hidden = trunk(input_ids=torch.tensor([ids])).last_hidden_state[0].float()
-    by_hand = head(hidden[-1])[0] + head(hidden[-n_reply:].mean(0))[1]
+        out = trunk(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    hidden = out.last_hidden_state[0].float()
+    early = out.hidden_states[math.ceil(trunk.config.num_hidden_layers / 4)][0].float()
+    assert not torch.allclose(early, hidden)
+    by_hand = head(hidden[-1])[0] + head(hidden[-n_reply:].mean(0))[1] + head(early[-n_reply:].mean(0))[2]
     assert float(rm.raw([prompt], [reply])[0]) == pytest.approx(float(by_hand), rel=1e-3, abs=1e-3)
     assert value_head_init(tmp_path / "mean")[0].shape == (64,)
 
-    probe = train_reward_model(tiny_model_dir, PAIRS * 2, tmp_path / "probe", RewardConfig(epochs=0, pool="last_mean"),
+    probe = train_reward_model(tiny_model_dir, PAIRS * 2, tmp_path / "probe", RewardConfig(epochs=0),
                                eval_records=PAIRS[:2], quiet=True)  # the linear probe alone, no LoRA step
     assert probe["steps"] == 0 and probe["probe_answers"] == 16 and probe["train_accuracy"] >= 0.75
 
     caplog.set_level("WARNING", "loopchat.reward")
     warm = train_reward_model(tiny_model_dir, PAIRS, tmp_path / "warm", RewardConfig(max_steps=1, pool="last"),
                               eval_records=PAIRS[:2], init_from=tmp_path / "mean", quiet=True)
-    assert "init_from" not in warm and "training from scratch" in caplog.text  # a `last_mean` model cannot seed it
+    assert "init_from" not in warm and "training from scratch" in caplog.text  # a model reading other states cannot seed it
     with pytest.raises(ValueError, match="pool"):
         RewardConfig(pool="max")
 

@@ -44,7 +44,7 @@ class Run:
 
 def chosen(metrics: dict) -> dict:
     """What a step's time budget chose and from which speed (see train.budget), for the cycle row."""
-    keys = ("time_budget_s", "planned_steps", "measured_s_per_step", "held_out_prompts", "planned_batches",
+    keys = ("time_budget_s", "planned_steps", "measured_s_per_step", "held_out_prompts", "sampled_batches",
             "measured_s_per_batch")
     return {k: metrics[k] for k in keys if metrics.get(k) is not None}
 
