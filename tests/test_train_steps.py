@@ -1,7 +1,6 @@
 """SFT, reward model, PPO, the gate and the CLI on a tiny random Llama (fast)."""
 
 import json
-import math
 
 import click
 import pytest
@@ -14,7 +13,7 @@ from train import common
 from train.artifacts import check_adapter, list_versions, load_manifest
 from train.evaluate import GateConfig, evaluate_adapter
 from train.ppo import VALUE_HEAD_FILE, PPOConfig, train_ppo
-from train.reward import RewardConfig, RewardModel, encode_pair, train_reward_model, value_head_init
+from train.reward import RewardConfig, RewardModel, early_layer, encode_pair, train_reward_model, value_head_init
 from train.sft import SFTConfig, make_examples, train_sft
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -93,7 +92,7 @@ def test_reward_model_reading_the_means_of_the_reply(tiny_model_dir, tmp_path, c
     with torch.no_grad():
         out = trunk(input_ids=torch.tensor([ids]), output_hidden_states=True)
     hidden = out.last_hidden_state[0].float()
-    early = out.hidden_states[math.ceil(trunk.config.num_hidden_layers / 4)][0].float()
+    early = out.hidden_states[early_layer(trunk)][0].float()
     assert not torch.allclose(early, hidden)
     by_hand = head(hidden[-1])[0] + head(hidden[-n_reply:].mean(0))[1] + head(early[-n_reply:].mean(0))[2]
     assert float(rm.raw([prompt], [reply])[0]) == pytest.approx(float(by_hand), rel=1e-3, abs=1e-3)

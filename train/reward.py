@@ -9,7 +9,7 @@ layer with an output per state read. The last token sums up the answer as the mo
 means keep what is spread evenly over the words (their register, their length) that a last-token
 head learns slowly from few pairs, and the early layer still holds which words they are, which the
 final layer has turned into a prediction of the next one (bench/RESULTS.md, "Reward model at small
-data sizes": a taste in word choice was read 0.67 -> 0.75 from 300 pairs). The pairwise (Bradley-Terry) loss on d = r_chosen - r_rejected - margin is
+data sizes": a taste in word choice was read 0.69 -> 0.73 from 300 pairs). The pairwise (Bradley-Terry) loss on d = r_chosen - r_rejected - margin is
 
     -(1 - eps) log sigmoid(d) - eps log sigmoid(-d) + center_coef * (r_chosen + r_rejected)^2
 
