@@ -16,8 +16,10 @@ The answers are trained on exactly as they were sampled (the same tokens); an an
 mid-sentence. With a time budget, sampling and scoring stop at `sample_share` of it by their
 running speed; training gets what is left, sized by train.budget.
 
-What it costs: at 3 epochs, the policy also lost shipped capability items, which the gate rejects
-(bench/RESULTS.md, "Best-of-n"); so it is the `bon` recipe, not the default, until a loop shows it.
+What it costs: DPO moves the policy fast. At 3 epochs against a frozen reward model it lost shipped
+capability items the gate guards, and in a loop (run M) its second cycle went past the gate's KL bound,
+so each step is followed by a KL check (`max_kl`) that undoes the step that crosses it. It is the `bon`
+recipe, not the default, until a loop shows it (bench/RESULTS.md, "Best-of-n").
 """
 
 from __future__ import annotations
@@ -30,8 +32,9 @@ import torch
 
 from train import common, data
 from train.budget import Pace
-from train.ppo import RewardFn, generate, token_logprobs
-from train.sft import SFTConfig, chunks, fit, labelled_logits, lora_config, padded
+from train.ppo import (POLICY, RewardFn, exact_kl, generate, load_policy, lora_state, reference_model, response_logprobs,
+                       restore_lora, token_logprobs)
+from train.sft import SFTConfig, chunks, fit, labelled_logits, padded
 
 OBJECTIVES = ("sft", "dpo")
 
@@ -60,6 +63,12 @@ class BestOfNConfig(SFTConfig):
     beta: float = 0.1
     lr: float = 1e-3
     epochs: int = 2
+    # Nats per answer: after each step the policy's KL from where the step began is measured the way the
+    # gate measures it (exact per token, train.ppo.exact_kl) on the first batch of sampled answers; past
+    # `max_kl` the step is undone and training stops (None: no check). The gate bounds a whole cycle by 10
+    # nats from the serving version; in run M's second cycle two epochs of DPO alone went past it (PPO
+    # started at >= 16.8), so best-of-n keeps half of it and SFT and PPO share the rest.
+    max_kl: float | None = 5.0
 
     def __post_init__(self):
         if self.objective not in OBJECTIVES:
@@ -80,6 +89,18 @@ def sequence_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, mask: torc
     logits, targets, rows = labelled_logits(model, ids, labels, mask)
     logp, _ = token_logprobs(logits, targets, 1.0)
     return torch.zeros(len(ids), device=ids.device).index_add_(0, rows, logp)
+
+
+@torch.no_grad()
+def kl_from_start(model, batch: dict, temperature: float) -> float:
+    """Mean KL(policy || the policy training started from) in nats per answer on `batch` (a `generate`
+    output), exact per token as the gate measures it."""
+    model.eval()
+    args = (batch["seq"], batch["attn"], batch["prompt_len"], temperature)
+    logp, _ = response_logprobs(model, *args)
+    with reference_model(model):
+        start, _ = response_logprobs(model, *args)
+    return float(exact_kl(logp, start, batch["mask"]).mean())
 
 
 def dpo_pairs(model, pairs: list[tuple], pad_id: int, device, batch_size: int) -> list[tuple]:
@@ -116,7 +137,8 @@ def train_best_of_n(
     if not rows:
         raise data.DataError("no prompts to sample from")
     device, dtype, tokenizer = common.setup(model_dir, cfg)
-    model = common.load_lora_model(model_dir, device=device, dtype=dtype, lora=lora_config(cfg), init_adapter=init_adapter)
+    # The starting policy stays beside the trained one, frozen, for the KL check (the base model when none).
+    model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter, reference_adapter=init_adapter)
 
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     chosen_rows = [rows[i] for i in order[: cfg.prompts]]
@@ -127,13 +149,14 @@ def train_best_of_n(
     sample_budget = None if cfg.time_budget_s is None else cfg.time_budget_s * cfg.sample_share
     sampling_started = time.monotonic()
     examples, all_scores, best_scores, best_ended = [], [], [], []  # examples: (ids, labels), or (best, worst) for dpo
-    done = 0
+    done, kl_batch = 0, None
     while done < len(groups):
         group = groups[done]
         asked = [p for p in group for _ in range(cfg.n)]
         with torch.no_grad():
             batch = generate(model, tokenizer, asked, cfg.max_new_tokens, cfg.temperature, cfg.max_prompt_len)
             scores = reward_fn(asked, batch["texts"]).float().cpu().view(len(group), cfg.n)
+        kl_batch = kl_batch if done else batch  # the answers the KL check reads
         for i, prompt in enumerate(group):
             best, worst = i * cfg.n + int(scores[i].argmax()), i * cfg.n + int(scores[i].argmin())
             prompt_ids = common.encode_prompt(tokenizer, prompt)[-cfg.max_prompt_len :]
@@ -173,13 +196,26 @@ def train_best_of_n(
         margin = (logp[:k] - reference[:, 0]) - (logp[k:] - reference[:, 1])
         return -torch.nn.functional.logsigmoid(cfg.beta * margin).mean(), int((labels != -100).sum())
 
+    safe, kls = lora_state(model), []
+
+    def kl_check(step: int) -> tuple[dict, str | None]:
+        """The policy's KL from where it started (see `max_kl`); past the bound, undo the step and stop."""
+        kls.append(kl_from_start(model, kl_batch, cfg.temperature))
+        if cfg.max_kl is not None and kls[-1] > cfg.max_kl:
+            restore_lora(model, safe)
+            return {"kl": kls[-1]}, f"KL {kls[-1]:.2f} > {cfg.max_kl} after step {step}: undone"
+        safe.update(lora_state(model))
+        return {"kl": kls[-1]}, None
+
     if cfg.objective == "dpo":
         examples = dpo_pairs(model, examples, tokenizer.pad_token_id, device, cfg.batch_size)
     trained = fit(model, examples, cfg, Pace(left), out_dir, tokenizer.pad_token_id, device, quiet,
-                  batch_loss=dpo_loss if cfg.objective == "dpo" else None)
-    model.save_pretrained(str(out_dir))
+                  batch_loss=dpo_loss if cfg.objective == "dpo" else None, after_step=kl_check)
+    kept = kls[:-1] if "stop" in trained else kls  # the KL of the weights saved
+    model.save_pretrained(str(out_dir), selected_adapters=[POLICY])
     common.write_json(out_dir / "train_config.json", {"step": "best_of_n", "model": str(model_dir),
                                                       "init_adapter": init_adapter, **asdict(cfg)})
     common.write_json(out_dir / "best_of_n.json", sampled)
-    return {**sampled, **{f"fit_{k}": v for k, v in trained.items()}, "time_budget_s": cfg.time_budget_s,
+    return {**sampled, **{f"fit_{k}": v for k, v in trained.items()}, "kl": kept[-1] if kept else 0.0,
+            "stop": trained.get("stop", "steps done"), "time_budget_s": cfg.time_budget_s,
             "planned_steps": trained["planned_steps"], "measured_s_per_step": trained["measured_s_per_step"]}

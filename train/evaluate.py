@@ -57,7 +57,7 @@ import torch
 import hardware
 from train import common, data
 from train.budget import Pace
-from train.ppo import generate, response_logprobs
+from train.ppo import exact_kl, generate, response_logprobs
 
 CAPABILITIES = Path(__file__).parent / "data" / "capabilities.jsonl"
 CAPABILITY_CHECKS = ("capability_loglik", "capability_pass", "capability_loglik_base", "capability_pass_base")
@@ -130,9 +130,7 @@ def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, ma
 @torch.no_grad()
 def _kl(model, batches, temperature: float, references: tuple[str | None, ...]) -> dict[str | None, torch.Tensor]:
     """KL(candidate || reference) in nats per response on the candidate's own samples, per reference
-    (an adapter name; None = the base model): the exact KL between the two next-token distributions,
-    summed over each response's tokens (never negative, far less noisy than averaging log-ratios of
-    the sampled tokens)."""
+    (an adapter name; None = the base model), exact per token (train.ppo.exact_kl)."""
     per_seq = {r: [] for r in references}
     for b in batches:
         args = (b["seq"], b["attn"], b["prompt_len"], temperature)
@@ -141,7 +139,7 @@ def _kl(model, batches, temperature: float, references: tuple[str | None, ...]) 
         for r in references:
             with _active(model, r):
                 ref, _ = response_logprobs(model, *args)
-            per_seq[r].append(((logp.exp() * (logp - ref)).sum(-1) * b["mask"]).sum(1))
+            per_seq[r].append(exact_kl(logp, ref, b["mask"]))
     return {r: torch.cat(v) for r, v in per_seq.items()}
 
 

@@ -405,6 +405,21 @@ def lora_state(model) -> dict[str, torch.Tensor]:
     return {k: p.detach().clone() for k, p in model.named_parameters() if p.requires_grad}
 
 
+@torch.no_grad()
+def restore_lora(model, state: dict[str, torch.Tensor]) -> None:
+    """Put back the trainable weights `lora_state` saved: undo the steps since."""
+    for k, p in model.named_parameters():
+        if k in state:
+            p.copy_(state[k])
+
+
+def exact_kl(logp: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per sequence, KL(p || ref) in nats from two `response_logprobs`: the exact KL between the two
+    next-token distributions at each response position, summed over the response's tokens (never
+    negative, far less noisy than averaging log-ratios of the sampled tokens)."""
+    return ((logp.exp() * (logp - ref)).sum(-1) * mask).sum(1)
+
+
 def train_ppo(
     model_dir: str | Path,
     prompts,
@@ -479,11 +494,7 @@ def train_ppo(
         if kl_bound is None:
             kl_bound = stats["kl"] + cfg.kl_stop
         if stats["kl"] > kl_bound:
-            # The last update went too far from the reference: undo it and stop.
-            with torch.no_grad():
-                for k, p in model.named_parameters():
-                    if k in safe:
-                        p.copy_(safe[k])
+            restore_lora(model, safe)  # the last update went too far from the reference: undo it and stop
             stop = f"KL {stats['kl']:.2f} > bound {kl_bound:.2f} at step {step}: reverted to the previous step"
             log.step(step, **stats, kl_coef=kl_ctl.coef, stopped=True)
             break

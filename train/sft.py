@@ -106,10 +106,11 @@ def eval_loss(model, examples, batch_size: int, pad_id: int, device) -> float:
 
 
 def fit(model, examples, cfg: SFTConfig, pace: Pace, out_dir: Path, pad_id: int, device, quiet: bool,
-        tail_steps: float = 0.0, batch_loss=None) -> dict:
+        tail_steps: float = 0.0, batch_loss=None, after_step=None) -> dict:
     """The training loop on a LoRA model already loaded: `cfg.epochs` over `examples` (at most
     `cfg.max_steps`, or as many steps as `pace`'s budget holds), linear decay to 0; one line per step in
-    `out_dir/metrics.jsonl`. `batch_loss(examples) -> (loss, tokens)`; by default SFT's on (ids, labels)."""
+    `out_dir/metrics.jsonl`. `batch_loss(examples) -> (loss, tokens)`; by default SFT's on (ids, labels).
+    `after_step(step) -> (figures for the step's line, why to stop or None)`: a check after each step."""
 
     def sft_loss(chunk):
         ids, labels, mask = padded(chunk, pad_id)
@@ -125,8 +126,8 @@ def fit(model, examples, cfg: SFTConfig, pace: Pace, out_dir: Path, pad_id: int,
     gen = torch.Generator().manual_seed(cfg.seed)
     metrics = {"steps": 0}
     log = common.RunLog(out_dir, total, "sft", quiet)
-    step, started = 0, time.monotonic()
-    while step < total:
+    step, started, stop = 0, time.monotonic(), None
+    while step < total and stop is None:
         for chunk in chunks(examples, cfg.batch_size, gen):
             model.train()
             loss, tokens = batch_loss(chunk)
@@ -135,14 +136,17 @@ def fit(model, examples, cfg: SFTConfig, pace: Pace, out_dir: Path, pad_id: int,
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, 1.0))
             opt.step()
             step += 1
+            figures, stop = after_step(step) if after_step is not None else ({}, None)
             total = pace.step_done(step)
             log.replan(total)
             sched.step()
-            log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens)
+            log.step(step, loss=loss.item(), lr=sched.get_last_lr()[0], grad_norm=grad_norm, tokens=tokens, **figures)
             metrics["train_loss"] = loss.item()
-            if step >= total:
+            if step >= total or stop is not None:
                 break
     log.close()
+    if stop is not None:
+        metrics["stop"] = stop
     metrics.update(steps=step, seconds=round(time.monotonic() - started, 2), **pace.figures())
     return metrics
 

@@ -85,7 +85,7 @@ def best_of_n(run: Run) -> tuple[dict, dict]:
                               run.budgeted("best_of_n", run.cfg.best_of_n), init_adapter=run.policy, quiet=True)
     run.policy = out
     run.metrics["best_of_n"] = metrics
-    keys = ("prompts", "answers", "score_all", "score_best", "best_ended")
+    keys = ("prompts", "answers", "score_all", "score_best", "best_ended", "kl", "stop")
     return {**{k: metrics.get(k) for k in keys}, "steps": metrics["fit_steps"], "loss": metrics["fit_train_loss"],
             **chosen(metrics)}, {}
 
