@@ -39,21 +39,24 @@ def test_best_of_n_trains_on_the_best_answers_and_reports_what_it_picked(tiny_mo
     assert (tmp_path / "adapter_model.safetensors").exists()
 
 
-def test_the_kl_check_measures_each_step_and_undoes_the_one_past_max_kl(tiny_model_dir, tmp_path):  # noqa: F811
+def test_the_kl_check_measures_the_policys_own_answers_and_goes_back_past_max_kl(tiny_model_dir, tmp_path):  # noqa: F811
     prompts = [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS[:4]]
     cfg = BestOfNConfig(n=4, prompts=4, max_new_tokens=8, sample_batch_size=8, batch_size=2, dtype="float32",
-                        objective="sft", lr=5e-2, epochs=2, max_kl=None)
+                        objective="sft", lr=5e-2, epochs=3, max_kl=1e9, kl_every=4)
     free = train_best_of_n(tiny_model_dir, prompts, tmp_path / "free", rule_reward, cfg, quiet=True)
-    kls = [json.loads(line)["kl"] for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()]
-    assert free["stop"] == "steps done" and len(kls) == free["fit_steps"] == 4
-    assert min(kls) >= 0 and kls[-1] > 0 and free["kl"] == kls[-1]  # the policy moved from where it started
+    lines = [json.loads(line) for line in (tmp_path / "free" / "metrics.jsonl").read_text().splitlines()]
+    assert free["stop"] == "steps done" and free["fit_steps"] == len(lines) == 6
+    assert [line["step"] for line in lines if "kl" in line] == [4]  # every 4 steps; step 6 is checked after the loop
+    assert lines[3]["kl"] > 0 and free["kl"] > 0  # the policy moved from where it started
 
     bounded = train_best_of_n(tiny_model_dir, prompts, tmp_path / "bounded", rule_reward,
-                              dataclasses.replace(cfg, max_kl=0.0), quiet=True)
-    assert bounded["fit_steps"] == 1 and "undone" in bounded["stop"] and bounded["kl"] == 0.0
+                              dataclasses.replace(cfg, max_kl=0.0, kl_every=1), quiet=True)
+    assert bounded["fit_steps"] == 1 and bounded["stop"].endswith("back to step 0") and bounded["kl"] == 0.0
     saved = load_file(str(tmp_path / "bounded" / "adapter_model.safetensors"))
     lora_b = [v for k, v in saved.items() if "lora_B" in k]
     assert lora_b and all(not v.any() for v in lora_b)  # the fresh LoRA's zero B: back where it started
+    assert train_best_of_n(tiny_model_dir, prompts, tmp_path / "unchecked", rule_reward,
+                           dataclasses.replace(cfg, max_kl=None), quiet=True)["kl"] is None
 
 
 def test_a_time_budget_samples_fewer_prompts(tiny_model_dir, tmp_path):  # noqa: F811
