@@ -69,7 +69,8 @@ def test_a_time_budget_samples_fewer_prompts(tiny_model_dir, tmp_path):  # noqa:
 
 @pytest.mark.slow
 def test_best_of_n_raises_a_rule_reward_on_the_real_model(real_model_dir, tmp_path):  # noqa: F811
-    cfg = BestOfNConfig(n=8, prompts=16, max_new_tokens=24, objective="dpo", lr=1e-3, epochs=3)
+    # What DPO learns, unbounded: the KL check that may stop it early is tested on its own above.
+    cfg = BestOfNConfig(n=8, prompts=16, max_new_tokens=24, objective="dpo", lr=1e-3, epochs=3, max_kl=None)
     metrics = train_best_of_n(real_model_dir, [{"prompt": [{"role": "user", "content": p}]} for p in SHORT_ANSWER_PROMPTS],
                               tmp_path, rule_reward, cfg, quiet=True)
     assert metrics["score_best"] > metrics["score_all"]
