@@ -19,8 +19,8 @@ running speed; training gets what is left, sized by train.budget.
 What it costs: DPO moves the policy fast. At 3 epochs against a frozen reward model it lost shipped
 capability items the gate guards, and in a loop (run M) its second cycle went past the gate's KL bound,
 so training stops where the policy's KL from where it started passes `max_kl`, undoing the steps since
-the last check. It is the `bon`
-recipe, not the default, until a loop shows it (bench/RESULTS.md, "Best-of-n").
+the last check. It is the `bon` recipe, not the default, until a loop shows it (bench/RESULTS.md,
+"Best-of-n" and runs M-O).
 """
 
 from __future__ import annotations
@@ -141,8 +141,9 @@ def train_best_of_n(
     if not rows:
         raise data.DataError("no prompts to sample from")
     device, dtype, tokenizer = common.setup(model_dir, cfg)
-    # The starting policy stays beside the trained one, frozen, for the KL check (the base model when none).
-    model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter, reference_adapter=init_adapter)
+    # With a KL check, the starting policy stays beside the trained one, frozen (the base model when none).
+    model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter,
+                        reference_adapter=init_adapter if cfg.max_kl is not None else None)
 
     order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
     chosen_rows = [rows[i] for i in order[: cfg.prompts]]

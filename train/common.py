@@ -179,6 +179,12 @@ def backbone_and_head(peft_model):
     return getattr(inner, inner.base_model_prefix), head
 
 
+def run_trunk(trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor, every_layer: bool = False):
+    """The trunk's output on right- or left-padded rows (positions counted from each row's first token);
+    `every_layer`: with each layer's states too (`hidden_states`)."""
+    return trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask),
+                 use_cache=False, output_hidden_states=every_layer)
+
+
 def last_hidden(trunk, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    out = trunk(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids(attention_mask), use_cache=False)
-    return out.last_hidden_state
+    return run_trunk(trunk, input_ids, attention_mask).last_hidden_state

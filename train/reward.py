@@ -167,8 +167,7 @@ def features(model, rows: list[tuple[list[int], int]], pad_id: int, device, pool
     ids = common.pad_right([r[0] for r in rows], pad_id).to(device)
     mask = common.pad_right([[1] * len(r[0]) for r in rows], 0).to(device)
     early = pool == "last_mean_early"
-    out = trunk(input_ids=ids, attention_mask=mask, position_ids=common.position_ids(mask), use_cache=False,
-                output_hidden_states=early)
+    out = common.run_trunk(trunk, ids, mask, every_layer=early)
     hidden = out.last_hidden_state
     lengths = mask.sum(-1)
     last = hidden[torch.arange(len(rows), device=device), lengths - 1].float()
