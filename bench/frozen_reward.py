@@ -20,7 +20,7 @@ reward model picks one of the base model's n answers per prompt) and `oracle pic
 simulated user's own preference picks it).
 
     .venv/bin/python bench/frozen_reward.py --reward-model DIR --preference bench.reward_model:second_person \\
-        [--variants ppo best-of-n] [--steps 24] [--best-of 8] [--bon-prompts 32] [--eval-prompts 40] [--samples 3]
+        [--variants ppo best-of-n] [--steps 24] [--ppo-lr 5e-5] [--samples-per-prompt 1] [--best-of 8] [--bon-prompts 32] [--eval-prompts 40] [--samples 3]
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ from feedback.winrates import mean_interval  # noqa: E402
 from loopchat.simulate import DEFAULT_PROMPTS, load_judge, load_prompts, prompt_text, split_prompts  # noqa: E402
 
 from train.best_of_n import BestOfNConfig  # noqa: E402
+from train.ppo import PPOConfig  # noqa: E402
 
 VARIANTS = ("ppo", "ppo-no-eos-penalty", "best-of-n", "best-of-n-dpo", "best-of-n+ppo")
 
@@ -93,7 +94,7 @@ def gate(model_dir, adapter: Path, rm, heldout) -> dict:
 
 def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dict:
     from train.best_of_n import train_best_of_n
-    from train.ppo import PPOConfig, train_ppo
+    from train.ppo import train_ppo
 
     out, figures, policy = work / variant, {}, None
     if variant.startswith("best-of-n"):
@@ -106,7 +107,8 @@ def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dic
                        best_ended=round(bon["best_ended"], 2))
     if variant.endswith("ppo") or variant == "ppo-no-eos-penalty":
         cfg = PPOConfig(steps=args.steps, batch_size=8, minibatches=2, ppo_epochs=2, max_new_tokens=args.max_new_tokens,
-                        missing_eos_penalty=0.0 if variant == "ppo-no-eos-penalty" else 1.0, seed=args.seed)
+                        missing_eos_penalty=0.0 if variant == "ppo-no-eos-penalty" else 1.0,
+                        samples_per_prompt=args.samples_per_prompt, lr=args.ppo_lr, seed=args.seed)
         metrics = train_ppo(model_dir, prompts, out, rm, cfg, init_adapter=policy)
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         figures.update(ppo_score=f"{steps[0]['score']:.2f} -> {steps[-1]['score']:.2f}", ppo_kl=round(metrics["kl_last"], 2),
@@ -120,6 +122,8 @@ def main() -> None:
     p.add_argument("--preference", required=True, help="the simulated user's preference, as `loopchat simulate` takes it")
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=24, help="PPO steps of 8 answers")
+    p.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
+    p.add_argument("--samples-per-prompt", type=int, default=1, help="PPO's answers to each prompt of a step (train.ppo)")
     p.add_argument("--best-of", type=int, default=8, help="answers per prompt for best-of-n and the pick rows")
     p.add_argument("--bon-prompts", type=int, default=32, help="prompts best-of-n distils")
     p.add_argument("--bon-epochs", type=int, default=BestOfNConfig.epochs, help="SFT epochs over best-of-n's picks")
@@ -173,7 +177,8 @@ def main() -> None:
 
     print(f"machine: {json.dumps(hardware.describe())}")
     print(f"preference {args.preference}; reward model {args.reward_model}; from the base model: PPO {args.steps} steps x 8 "
-          f"answers, best-of-{args.best_of} on {args.bon_prompts} prompts, answers of <= {args.max_new_tokens} tokens; "
+          f"answers ({args.samples_per_prompt} to each prompt, lr {args.ppo_lr}), "
+          f"best-of-{args.best_of} on {args.bon_prompts} prompts, answers of <= {args.max_new_tokens} tokens; "
           f"measured on {len(heldout)} held-out prompts x {args.samples}")
     print(f"{'':<20} {'win vs base':>16} {'RM score':>9} {'ended':>6} {'words':>6}  training")
     for label, answers in rows:

@@ -2,7 +2,9 @@
 
 import torch
 
-from train.ppo import AdaptiveKL, gae, token_rewards, truncate_at_eos, whiten
+import pytest
+
+from train.ppo import AdaptiveKL, PPOConfig, gae, grouped_scores, token_rewards, truncate_at_eos, whiten
 
 
 def reference_gae(rewards, values, gamma, lam):
@@ -44,6 +46,22 @@ def test_score_lands_on_the_last_token_and_kl_is_penalised_everywhere():
     mask = torch.tensor([[1, 1, 1, 1], [1, 1, 0, 0]], dtype=torch.float)
     r = token_rewards(torch.tensor([2.0, -1.0]), kl, mask, kl_coef=0.1)
     assert torch.allclose(r, torch.tensor([[-0.1, -0.1, -0.1, 1.9], [-0.1, -1.1, 0.0, 0.0]]))
+
+
+def test_grouped_scores_take_each_answer_against_the_other_answers_to_its_prompt():
+    scores = torch.tensor([3.0, 1.0, 2.0, 10.0, 10.0, 13.0])  # two prompts, three answers each
+    out = grouped_scores(scores, 3)
+    leave_one_out = [s - (sum(g) - s) / 2 for g in ([3.0, 1.0, 2.0], [10.0, 10.0, 13.0]) for s in g]
+    assert torch.allclose(out, torch.tensor(leave_one_out))
+    assert torch.allclose(out[3:], grouped_scores(scores[3:] - 9.0, 3))  # how easy a prompt is drops out
+    assert torch.equal(grouped_scores(scores, 1), scores)
+
+
+def test_samples_per_prompt_must_divide_the_batch():
+    assert PPOConfig(batch_size=8, samples_per_prompt=4).samples_per_prompt == 4
+    for bad in (0, 3):
+        with pytest.raises(ValueError, match="samples_per_prompt"):
+            PPOConfig(batch_size=8, samples_per_prompt=bad)
 
 
 def test_truncate_at_eos():

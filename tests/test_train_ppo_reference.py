@@ -62,3 +62,20 @@ def test_the_reference_is_frozen_and_switching_to_it_leaves_the_policy_trainable
     assert torch.allclose(logits["policy"], logits["base"], atol=1e-5)
     assert not torch.allclose(logits["reference"], logits["base"], atol=1e-2)
     assert {k for k, p in model.named_parameters() if p.requires_grad} == trainable and model.active_adapter == POLICY
+
+
+def test_a_grouped_rollout_answers_each_prompt_several_times_and_starts_the_value_head_at_zero(tiny_model_dir, tmp_path):  # noqa: F811
+    seen = []
+
+    def reward(prompts, responses):
+        seen.append([p[-1]["content"] for p in prompts])
+        return rule_reward(prompts, responses)
+
+    cfg = PPOConfig(steps=2, batch_size=8, samples_per_prompt=4, minibatches=2, ppo_epochs=1, max_new_tokens=8)
+    # Not a reward model: reading a value head from it would fail, and with grouped scores none is read.
+    not_a_reward_model = serving_adapter(tiny_model_dir, tmp_path / "s")
+    train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", reward, cfg, value_head_from=not_a_reward_model, quiet=True)
+    assert len(seen) == 2
+    for batch in seen:  # two prompts a step, four answers to each side by side
+        assert batch[:4] == [batch[0]] * 4 and batch[4:] == [batch[4]] * 4
+    assert sorted(seen[0][::4] + seen[1][::4]) == sorted(PROMPTS)  # one pass over the prompts

@@ -4,7 +4,8 @@ One step:
   1. rollout: sample `batch_size` responses at `temperature` (responses stop at EOS or at
      `max_new_tokens`);
   2. score: reward_fn(prompts, responses) (the reward model, or any rule), minus
-     `missing_eos_penalty` for responses that never ended;
+     `missing_eos_penalty` for responses that never ended; with `samples_per_prompt` answers to each
+     prompt, minus the mean score of the prompt's other answers (grouped_scores);
   3. one no-grad pass of the policy (log-probs at the same temperature, values, entropy), one
      of the reference and, when the reference is not the base model, one of the base model, all
      on the same batch (same padding, same positions), so that their differences are the models'
@@ -66,6 +67,11 @@ class PPOConfig:
     # two cycles of 12 steps reached the gate's KL bound). See train.budget.
     time_budget_s: float | None = None
     batch_size: int = 16  # responses per rollout
+    # Answers sampled to each prompt of a rollout (batch_size // samples_per_prompt prompts). With 2 or more,
+    # each answer's score is taken against the mean of the other answers to its prompt (RLOO's leave-one-out
+    # baseline): what PPO then learns from is how an answer compares with what the policy writes to the same
+    # prompt, not how easy the prompt is. See grouped_scores.
+    samples_per_prompt: int = 1
     minibatches: int = 2
     ppo_epochs: int = 2
     max_new_tokens: int = 64
@@ -94,6 +100,10 @@ class PPOConfig:
     seed: int = 0
     dtype: str = "auto"
 
+    def __post_init__(self):
+        if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
+            raise ValueError(f"samples_per_prompt must divide batch_size ({self.batch_size}), not {self.samples_per_prompt!r}")
+
 
 # ---------------------------------------------------------------- the maths, on plain tensors
 
@@ -119,6 +129,18 @@ def gae(rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: 
         running = delta + gamma * lam * running
         adv[:, t] = running
     return adv * mask, (adv + values) * mask
+
+
+def grouped_scores(scores: torch.Tensor, group: int) -> torch.Tensor:
+    """Each score minus the mean of the other `group - 1` scores of its group (consecutive rows share a
+    prompt): RLOO's leave-one-out baseline (Ahmadian et al. 2024), k/(k-1) times the score minus its
+    group's mean. A reward model's scores differ far more between prompts than between two answers to
+    one prompt; against a batch of 8 different prompts that difference is noise PPO must average out
+    (run K, bench/RESULTS.md), against the same prompt's other answers it is gone."""
+    if group == 1:
+        return scores
+    rows = scores.reshape(-1, group)
+    return ((rows - rows.mean(1, keepdim=True)) * group / (group - 1)).reshape(-1)
 
 
 def token_rewards(scores: torch.Tensor, kl: torch.Tensor, mask: torch.Tensor, kl_coef: float) -> torch.Tensor:
@@ -298,7 +320,7 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     seq, attn, P, responses, mask, ended = (batch[k] for k in ("seq", "attn", "prompt_len", "responses", "mask", "ended"))
     with clock("score"):
         raw_scores = torch.as_tensor(reward_fn(prompts, batch["texts"]), dtype=torch.float32).reshape(-1).to(seq.device)
-    scores = raw_scores - cfg.missing_eos_penalty * (~ended).float()
+    scores = grouped_scores(raw_scores - cfg.missing_eos_penalty * (~ended).float(), cfg.samples_per_prompt)
 
     args = (seq, attn, P, responses, cfg.temperature)
     with clock("policy"):
@@ -439,7 +461,8 @@ def train_ppo(
     `reward_fn(prompts, responses) -> tensor`: e.g. a train.reward.RewardModel.
     `init_adapter`: start from this adapter (e.g. the serving one or the SFT output).
     `value_head_from`: a reward model dir to initialise the value head from (defaults to the
-    reward function's own directory when it is a RewardModel; else the head starts at zero).
+    reward function's own directory when it is a RewardModel; else, and whenever scores are taken
+    against their prompt's other answers (`samples_per_prompt` > 1), the head starts at zero).
     `reference_adapter`: the adapter PPO's KL penalty, KL controller and `kl*` figures are measured
     against (the serving version's, the policy being replaced); None = the base model. The KL to the
     base model is reported as `kl_base*` either way.
@@ -464,7 +487,8 @@ def train_ppo(
     model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter, reference_adapter=reference_adapter)
     value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)
     value_head_from = value_head_from or getattr(reward_fn, "path", None)
-    if value_head_from is not None:
+    # Scores against their group's mean are 0 on average whatever the prompt: the value head starts at 0.
+    if value_head_from is not None and cfg.samples_per_prompt == 1:
         weight, bias = value_head_init(value_head_from)
         value_head.linear.weight.data.copy_(weight.reshape(1, -1))
         value_head.linear.bias.data.fill_(bias)
@@ -488,7 +512,7 @@ def train_ppo(
         step += 1
         started, started_cpu = time.monotonic(), time.process_time()
         clock = Clock()
-        prompts_now = [next(stream) for _ in range(cfg.batch_size)]
+        prompts_now = [p for _ in range(cfg.batch_size // cfg.samples_per_prompt) for p in [next(stream)] * cfg.samples_per_prompt]
         batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef, clock)
         stats = batch["stats"]
         if kl_bound is None:
