@@ -61,7 +61,10 @@ class CycleConfig:
     sft: SFTConfig = field(default_factory=lambda: SFTConfig(max_steps=30))
     rm: RewardConfig = field(default_factory=lambda: RewardConfig(epochs=0))  # the linear probe alone (bench/RESULTS.md)
     best_of_n: BestOfNConfig = field(default_factory=lambda: BestOfNConfig(max_new_tokens=48))
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48))
+    # 4 answers to each of 2 prompts a step, scored against each other, at lr 3e-4: against a frozen reward
+    # model one answer per prompt learned nothing at 5e-5 and went past PPO's KL stop at 3e-4 (bench/RESULTS.md,
+    # "PPO with 4 answers to each prompt").
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4))
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
