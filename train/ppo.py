@@ -29,8 +29,10 @@ The value head is a linear layer on the policy's own final hidden states (a shar
 as in the original InstructGPT-era TRL), initialised from the reward model's head rescaled
 to its normalised score. Why: a separate value model would double memory and compute (it is
 what makes TRL's PPO ~2x heavier), and a reward head already knows how to read this base
-model's hidden states, so the first value estimates are in the right range and scale. It is
-saved next to the adapter as `value_head.safetensors`, never inside the adapter that vLLM serves.
+model's hidden states, so the first value estimates are in the right range and scale (with
+several answers to each prompt the scores are taken against each other and average 0 whatever the
+prompt, so there the head starts at 0). It is saved next to the adapter as
+`value_head.safetensors`, never inside the adapter that vLLM serves.
 
 Where the time goes (bench/ppo_vs_trl.py prints it per phase): sampling, then the update, then the
 no-grad passes. What keeps them cheap: the LM head runs only at response positions, on contiguous
