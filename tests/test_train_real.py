@@ -49,8 +49,9 @@ SHORT_ANSWER_PROMPTS = ["What is 2+2?", "Name a colour.", "Say hi.", "What is th
 
 
 def test_ppo_raises_a_rule_reward_within_the_kl_bound(real_model_dir, tmp_path):
-    # As a cycle runs it: 4 answers to each prompt, scored against each other (train.cycle's PPO default).
-    cfg = PPOConfig(steps=3, batch_size=16, samples_per_prompt=4, minibatches=2, ppo_epochs=2, max_new_tokens=24, lr=3e-4, kl_stop=6.0)
+    # As a cycle runs it: 4 answers to each prompt, scored against each other (train.cycle's PPO default);
+    # 4 steps of 4 prompts see each prompt once (with 1 answer per prompt, 3 steps of 16 raised it as far).
+    cfg = PPOConfig(steps=4, batch_size=16, samples_per_prompt=4, minibatches=2, ppo_epochs=2, max_new_tokens=24, lr=3e-4, kl_stop=6.0)
     metrics = train_ppo(real_model_dir, SHORT_ANSWER_PROMPTS, tmp_path, rule_reward, cfg, quiet=True)
     assert metrics["stop"] == "steps done" and metrics["kl_last"] < cfg.kl_stop
     assert metrics["score_last"] > metrics["score_first"]
