@@ -207,6 +207,9 @@ def test_cli_bad_input_is_one_line(cli, tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and result.output.strip() == f"Error: {bad}:2: invalid JSON (Expecting property name enclosed in double quotes at column 2)"
     result = cli("train", "ppo", "--model", tiny_model_dir, "--data-dir", tmp_path, "--reward-model", tmp_path, "--prompts", bad)
     assert result.exit_code == 1 and "not a reward model directory" in result.output and "Traceback" not in result.output
+    result = cli("train", "ppo", "--model", tiny_model_dir, "--data-dir", tmp_path, "--reward-model", tmp_path, "--prompts", bad,
+                 "--batch-size", "6", "--samples-per-prompt", "4")
+    assert result.exit_code == 2 and "samples_per_prompt must divide batch_size (6), not 4" in result.output and "Traceback" not in result.output
     result = cli("eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--adapter", tmp_path)
     assert result.exit_code == 1 and "not a peft adapter folder" in result.output
     train_sft(tiny_model_dir, DEMOS[:1], tmp_path / "sft", SFTConfig(max_steps=1), quiet=True)

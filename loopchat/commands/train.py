@@ -130,33 +130,40 @@ def rm_command(settings, data, eval_data, epochs, batch_size, margin, out, seed,
 @click.option("--prompts", required=True, type=FILE, help="Prompts, JSONL ({\"prompt\": [...]} or a string per line).")
 @click.option("--init-adapter", type=DIR, help="Start from this adapter (e.g. the SFT output or the serving version).")
 @click.option("--batch-size", type=int, default=16, show_default=True, help="Responses per rollout.")
+@click.option("--samples-per-prompt", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Answers to each prompt of a rollout, each scored against the others (a cycle's PPO uses 4).")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
 @click.option("--temperature", type=float, default=0.7, show_default=True)
 @click.option("--kl-coef", type=float, default=0.05, show_default=True)
 @click.option("--target-kl", type=float, help="Adapt the KL coefficient towards this KL (nats per response).")
 @click.option("--publish", is_flag=True, help="Publish the adapter as the next version.")
 @common_options
-def ppo_command(settings, reward_model, prompts, init_adapter, batch_size, max_new_tokens, temperature, kl_coef, target_kl, publish, out, seed, lr, steps, quiet):
+def ppo_command(settings, reward_model, prompts, init_adapter, batch_size, samples_per_prompt, max_new_tokens, temperature, kl_coef,
+                target_kl, publish, out, seed, lr, steps, quiet):
     """PPO on the policy adapter against a reward model."""
     from train.ppo import PPOConfig, train_ppo
     from train.reward import RewardModel
 
     from train.artifacts import check_adapter
 
+    try:
+        cfg = PPOConfig(
+            batch_size=batch_size,
+            samples_per_prompt=samples_per_prompt,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            kl_coef=kl_coef,
+            target_kl=target_kl,
+            seed=seed,
+            **({"lr": lr} if lr else {}),
+            **({"steps": steps} if steps else {}),
+        )
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     model = ensure_model(settings)
     if init_adapter:
         with one_line_errors():
             check_adapter(init_adapter)
-    cfg = PPOConfig(
-        batch_size=batch_size,
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        kl_coef=kl_coef,
-        target_kl=target_kl,
-        seed=seed,
-        **({"lr": lr} if lr else {}),
-        **({"steps": steps} if steps else {}),
-    )
     out = out_dir(settings, out, "ppo")
     with one_line_errors():
         rm = RewardModel(reward_model, model)
