@@ -514,7 +514,8 @@ def train_ppo(
         step += 1
         started, started_cpu = time.monotonic(), time.process_time()
         clock = Clock()
-        prompts_now = [p for _ in range(cfg.batch_size // cfg.samples_per_prompt) for p in [next(stream)] * cfg.samples_per_prompt]
+        distinct = [next(stream) for _ in range(cfg.batch_size // cfg.samples_per_prompt)]
+        prompts_now = [p for p in distinct for _ in range(cfg.samples_per_prompt)]
         batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef, clock)
         stats = batch["stats"]
         if kl_bound is None:
