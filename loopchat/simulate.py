@@ -34,9 +34,10 @@ CYCLE_FIGURES = ("id", "state", "version", "recipe", "gate", "error", "rm_accura
                  "n_sft", "n_prompts", "duration_s")
 # Figures a cycle records in one of its steps rather than on its row (first found wins): name here -> key there.
 # The RM step's `accuracy_ci95` is the [low, high] 95% interval of the row's `rm_accuracy`; the gate's
-# capability figures are the candidate's share of capability items answered and the base model's.
+# capability figures are the candidate's share of capability items answered and the base model's; `fell_back`
+# is there when the full candidate failed the gate for moving too far and PPO's fallback was judged instead.
 STEP_FIGURES = {"rm_accuracy_ci95": "accuracy_ci95", "kl_base": "kl_base", "capability_pass": "capability_pass",
-                "capability_pass_base_model": "capability_pass_base_model"}
+                "capability_pass_base_model": "capability_pass_base_model", "fell_back": "fell_back"}
 Log = Callable[[str], None]
 
 
@@ -576,7 +577,8 @@ def _fmt(value, spec: str = ".3f") -> str:
 def table(report: dict) -> str:
     """One line per round. The RM's held-out accuracy gets its 95% (Wilson) interval, KL splits into
     KL to the serving version and KL to the base model, and the capability guard's pass share (the
-    candidate's, then the base model's) shows, when the cycles recorded them."""
+    candidate's, then the base model's) shows, when the cycles recorded them. A cycle marked `fb` was
+    judged on PPO's fallback, its full candidate having moved too far."""
     cycles = [r["cycle"] for r in report["rounds"] if r.get("cycle")]
     with_ci = any(c.get("rm_accuracy_ci95") is not None for c in cycles)
     kl_base = any(c.get("kl_base") is not None for c in cycles)
@@ -589,6 +591,7 @@ def table(report: dict) -> str:
     for r in report["rounds"]:
         cyc, fb, ev = r.get("cycle") or {}, r.get("feedback") or {}, r["eval"]
         state = f"{cyc.get('state', '-')}" + (f" {cyc['version']}" if cyc.get("version") else "")
+        state += " fb" if cyc.get("fell_back") else ""
         thumbs = fb.get("thumbs_up", 0) + fb.get("thumbs_down", 0) if fb else None
         wtl = f"{ev['win']}/{ev['tie']}/{ev['loss']}"
         rate = _fmt(ev["win_rate"]) + (f" +- {ev['ci95']:.3f}" if ev.get("ci95") is not None else "")

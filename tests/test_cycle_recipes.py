@@ -1,7 +1,8 @@
 """Whole cycles on a tiny random Llama in front of the in-process gateway (fake engine): the rlhf
 recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
 started from the one published with it) and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
-base` starts every cycle from the base model."""
+base` starts every cycle from the base model; a candidate that fails the gate only for moving too far has
+PPO's shorter step judged instead."""
 
 import httpx
 import pytest
@@ -9,7 +10,7 @@ from feedback_fixtures import vote_shorter
 from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtures)
 
 from feedback import Store, cycles
-from train import artifacts
+from train import artifacts, cycle as cycle_module
 from train.cycle import CycleConfig, run_cycle
 from train.reward import PROBE_READS, STATES, RewardConfig
 
@@ -109,3 +110,34 @@ def test_bon_recipe_runs_best_of_n_on_the_reward_model_then_ppo_from_it(tiny_mod
     assert steps["best_of_n"]["score_best"] > steps["best_of_n"]["score_all"]
     assert steps["ppo"]["steps"] == TINY["ppo"]["steps"]  # PPO went on from best-of-n's policy
     assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["best_of_n"]["n"] == 2
+
+
+@pytest.mark.parametrize("failing, judged", [("capability_pass", 2), ("reward_gain", 1)])
+def test_a_candidate_that_moved_too_far_falls_back_to_ppos_shorter_step(tiny_model_dir, tmp_path, monkeypatch,  # noqa: F811
+                                                                          failing, judged):
+    """The real gate, with one check of the first verdict turned to a failure: a capability loss sends
+    the cycle to PPO's fallback (judged by the same gate, and published when it passes); a reward that
+    did not rise does not, since a shorter step in the same direction gains less."""
+    calls, real_gate = [], cycle_module.evaluate_adapter
+
+    def gate(model_dir, policy, **kw):
+        verdict = real_gate(model_dir, policy, **kw)
+        if not calls:
+            verdict["checks"][failing]["passed"], verdict["passed"] = False, False
+        calls.append(policy)
+        return verdict
+
+    monkeypatch.setattr(cycle_module, "evaluate_adapter", gate)
+    store = Store(tmp_path / "loopchat.db")
+    vote_shorter(store, 16)
+    row = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "steps": 3, "lr": 5e-2, "fallback_kl": 1e-3})
+    assert len(calls) == judged and row["steps"]["ppo"]["fallback_step"] is not None
+    if failing == "reward_gain":
+        assert row["state"] == "rejected" and row["error"] == "gate failed: reward_gain"
+        assert "fell_back" not in row["steps"]["evaluating"]
+        return
+    assert row["state"] == "published" and row["gate"] == "pass", row["error"]
+    assert calls[1].name == "fallback" and calls[1].parent == calls[0]
+    assert row["steps"]["evaluating"]["fell_back"]["failed"] == ["capability_pass"]
+    published = artifacts.load_manifest(tmp_path / "adapters" / "v1")
+    assert published["metrics"]["fell_back"]["failed"] == ["capability_pass"]

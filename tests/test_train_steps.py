@@ -12,7 +12,7 @@ from feedback import Store
 from train import common
 from train.artifacts import check_adapter, list_versions, load_manifest
 from train.evaluate import GateConfig, evaluate_adapter
-from train.ppo import VALUE_HEAD_FILE, PPOConfig, train_ppo
+from train.ppo import FALLBACK, VALUE_HEAD_FILE, PPOConfig, train_ppo
 from train.reward import RewardConfig, RewardModel, early_layer, encode_pair, train_reward_model, value_head_init
 from train.sft import SFTConfig, make_examples, train_sft
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
@@ -132,6 +132,29 @@ def test_ppo_reference_is_the_base_and_kl_runaway_reverts(tiny_model_dir, sft_ru
     assert "reverted" in metrics["stop"] and metrics["steps"] < 3
     before, after = load_file(str(sft_dir / "adapter_model.safetensors")), load_file(str(tmp_path / "adapter_model.safetensors"))
     assert all(torch.equal(before[k], after[k]) for k in before)  # back to the last state under the bound
+
+
+def test_ppo_saves_the_last_policy_within_fallback_kl_when_it_goes_further(tiny_model_dir, tmp_path):  # noqa: F811
+    """From a fresh LoRA (the base model exactly, KL 0) at a large lr: the first rollout's policy is the
+    only one within 1e-3 nats, so it is the fallback: the adapter before any update."""
+    cfg = PPOConfig(steps=3, batch_size=4, max_new_tokens=8, lr=5e-2, fallback_kl=1e-3)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "far", rule_reward, cfg, quiet=True)
+    lines = [json.loads(x) for x in (tmp_path / "far" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics["steps"] == 3 and all(line["kl"] > 1e-3 for line in lines[1:])
+    assert metrics["fallback_step"] == 1 and metrics["fallback_kl"] == pytest.approx(0.0, abs=1e-6)
+    check_adapter(tmp_path / "far" / FALLBACK)
+    fallback = load_file(str(tmp_path / "far" / FALLBACK / "adapter_model.safetensors"))
+    trained = load_file(str(tmp_path / "far" / "adapter_model.safetensors"))
+    assert fallback.keys() == trained.keys()
+    assert all(not v.any() for k, v in fallback.items() if "lora_B" in k)  # B = 0: no update yet
+    assert any(v.any() for k, v in trained.items() if "lora_B" in k)
+    # A run that stays within it, or has none, leaves no fallback.
+    for name, within in (("near", 1e6), ("none", None)):
+        metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / name, rule_reward, PPOConfig(**{**vars(cfg), "steps": 2,
+                            "fallback_kl": within}), quiet=True)
+        assert metrics["fallback_step"] is None and not (tmp_path / name / FALLBACK).exists()
+    with pytest.raises(ValueError, match="fallback_kl"):
+        PPOConfig(fallback_kl=0)
 
 
 def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, rm_run):

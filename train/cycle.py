@@ -35,6 +35,11 @@ log = logging.getLogger("loopchat.cycle")
 
 SHARES = recipes.rlhf.SHARES  # the default recipe's budget shares
 INITS = ("serving", "base")
+# The gate's checks of how far a candidate moved from what it replaces and what that cost. A candidate that
+# fails only these may have gone too far in a good direction: a shorter step may pass. Failing the reward
+# model's accuracy or the reward gain, it has no good direction to offer.
+MOVED_TOO_FAR = {"kl", "kl_base", "canaries", "capability_loglik", "capability_pass", "capability_loglik_base",
+                 "capability_pass_base"}
 ENDS = ("promoted", "canary")
 
 
@@ -187,12 +192,22 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if run.policy is None or run.policy == continued:
         raise CycleFailed(f"the {cfg.recipe} recipe trained no policy: no demonstrations")
 
-    # 3. The gate: the candidate against the policy it would replace.
+    # 3. The gate: the candidate against the policy it would replace. One that fails it only for how far it
+    # moved (MOVED_TOO_FAR) has its shorter step, PPO's fallback, judged instead (a backtracking line search).
+    def judge(policy: Path) -> dict:
+        return evaluate_adapter(cfg.model_dir, policy, reward_model=run.reward_model,
+                                prompts=data.heldout_prompts or data.prompts[: cfg.gate.max_prompts],
+                                baseline_adapter=serving["path"] if serving else None,
+                                heldout_pairs=data.heldout_pairs or None, cfg=budgeted("evaluating", cfg.gate))
+
     step_done("evaluating", figures, **row_figures)
-    verdict = evaluate_adapter(cfg.model_dir, run.policy, reward_model=run.reward_model,
-                               prompts=data.heldout_prompts or data.prompts[: cfg.gate.max_prompts],
-                               baseline_adapter=serving["path"] if serving else None,
-                               heldout_pairs=data.heldout_pairs or None, cfg=budgeted("evaluating", cfg.gate))
+    verdict, fell_back = judge(run.policy), None
+    failed = _failed(verdict)
+    if failed and run.fallback is not None and set(failed) <= MOVED_TOO_FAR:
+        log.info("cycle %d: the candidate failed %s; judging PPO's fallback", cycle_id, ", ".join(failed))
+        fell_back = {"failed": failed, "kl": verdict["checks"]["kl"]["value"],
+                     "capability_pass": verdict["checks"]["capability_pass"]["value"]}
+        run.policy, verdict = run.fallback, judge(run.fallback)
     checks, found = verdict["checks"], verdict["figures"]
     figures = {"rm_accuracy": checks["rm_accuracy"].get("value"), "kl": checks["kl"].get("value"),
                "kl_base": checks["kl_base"].get("value"), "mean_reward": found.get("reward_candidate"),
@@ -202,6 +217,8 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
                "capability_pass": checks["capability_pass"].get("value"),
                "capability_pass_baseline": found.get("capability_pass_baseline"),
                "capability_pass_base_model": found.get("capability_pass_base_model")}
+    if fell_back:
+        figures["fell_back"] = fell_back  # what the full candidate failed; the figures above are the fallback's
     gate = "pass" if verdict["passed"] else "fail"
 
     # 4. Publish atomically as version N, with the reward model the next cycle continues from.
@@ -219,8 +236,10 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
 
     # 5. Promote, or start a canary, through the gateway (or stop at `published` when there is none).
     if gate == "fail":
-        failed = ", ".join(k for k, c in checks.items() if c.get("passed") is False)
-        cycles.advance(store, cycle_id, "rejected", error=f"gate failed: {failed}")
+        why = f"gate failed: {', '.join(_failed(verdict))}"
+        if fell_back:
+            why += f" (PPO's fallback; the full candidate failed {', '.join(fell_back['failed'])})"
+        cycles.advance(store, cycle_id, "rejected", error=why)
         return
     if not cfg.gateway_url:
         return
@@ -237,6 +256,10 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if r.status_code != 200:
         raise CycleFailed(f"promotion of {version} failed: HTTP {r.status_code} {r.text[:300]}")
     cycles.advance(store, cycle_id, "promoted", {"switch_ms": r.json().get("switch_ms")})
+
+
+def _failed(verdict: dict) -> list[str]:
+    return [k for k, c in verdict["checks"].items() if c.get("passed") is False]
 
 
 def _serving_adapter(store: Store) -> dict | None:

@@ -59,6 +59,7 @@ from train.sft import batches, lm_loss, lora_config, make_examples
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 VALUE_HEAD_FILE = "value_head.safetensors"
+FALLBACK = "fallback"  # the subfolder of PPO's output with its fallback policy (PPOConfig.fallback_kl)
 POLICY, REFERENCE = "default", "reference"  # peft adapter names: the trained one, the frozen one KL is measured to
 
 
@@ -84,6 +85,10 @@ class PPOConfig:
     target_kl: float | None = None  # nats per response; set it for an adaptive coefficient
     kl_horizon: int = 10_000
     kl_stop: float = 8.0  # nats per response above the starting adapter's KL: beyond it training stops
+    # Nats per response above the starting KL: when the run goes further, the last policy within it is also
+    # saved, in `out_dir/fallback`: a shorter step the cycle can offer the gate when the full one moved too far
+    # (see train.cycle). None: no fallback.
+    fallback_kl: float | None = 4.0
     missing_eos_penalty: float = 1.0
     cliprange: float = 0.2
     cliprange_value: float = 0.2
@@ -105,6 +110,8 @@ class PPOConfig:
     def __post_init__(self):
         if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
             raise ValueError(f"samples_per_prompt must divide batch_size ({self.batch_size}), not {self.samples_per_prompt!r}")
+        if self.fallback_kl is not None and not self.fallback_kl > 0:
+            raise ValueError(f"fallback_kl must be positive or None, not {self.fallback_kl!r}")
 
 
 # ---------------------------------------------------------------- the maths, on plain tensors
@@ -508,7 +515,7 @@ def train_ppo(
     total = pace.start(cfg.steps)
     log = common.RunLog(out_dir, total, "ppo", quiet)
     history, stop = [], "steps done"
-    safe, kl_bound = lora_state(model), None
+    safe, kl_bound, fallback = lora_state(model), None, None
     step = 0
     while step < total:
         step += 1
@@ -526,6 +533,8 @@ def train_ppo(
             log.step(step, **stats, kl_coef=kl_ctl.coef, stopped=True)
             break
         safe = lora_state(model)
+        if cfg.fallback_kl is not None and stats["kl"] <= kl_bound - cfg.kl_stop + cfg.fallback_kl:
+            fallback = (step, stats["kl"], safe)  # the policy that rolled out this step, before its update
         with clock("update"):
             stats.update(update(model, value_head, opt, params, batch, cfg, gen, demos))
         stats["kl_coef"] = kl_ctl.coef
@@ -539,11 +548,19 @@ def train_ppo(
         log.step(step, **stats)
     log.close()
 
+    first, last = (history[0], history[-1]) if history else ({}, {})
+    # A fallback only when the run went past it: else the policy itself is as short a step.
+    if fallback is not None and fallback[0] < len(history):
+        trained = lora_state(model)
+        restore_lora(model, fallback[2])
+        model.save_pretrained(str(out_dir / FALLBACK), selected_adapters=[POLICY])
+        restore_lora(model, trained)
+    else:
+        fallback = None
     model.save_pretrained(str(out_dir), selected_adapters=[POLICY])
     save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
     common.write_json(out_dir / "train_config.json", {"step": "ppo", "model": str(model_dir), "init_adapter": init_adapter,
                                                       "reference_adapter": reference_adapter, **asdict(cfg)})
-    first, last = (history[0], history[-1]) if history else ({}, {})
     return {
         "steps": len(history),
         "stop": stop,
@@ -556,6 +573,9 @@ def train_ppo(
         "kl_base_last": last.get("kl_base"),
         "reference": str(reference_adapter) if reference_adapter is not None else "base",
         "ptx_loss_last": last.get("ptx_loss"),
+        # the fallback policy: the one that rolled out step `fallback_step` (after fallback_step - 1 updates)
+        "fallback_step": fallback and fallback[0],
+        "fallback_kl": fallback and fallback[1],
         "samples_per_s": sum(h["samples_per_s"] for h in history) / len(history) if history else None,
         **pace.figures(),
     }

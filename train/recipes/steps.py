@@ -10,7 +10,7 @@ from typing import Any, Callable
 
 from train import artifacts
 from train.best_of_n import train_best_of_n
-from train.ppo import train_ppo
+from train.ppo import FALLBACK, train_ppo
 from train.reward import RewardModel, train_reward_model
 from train.sft import train_sft
 
@@ -36,6 +36,9 @@ class Run:
     serving: dict | None  # the serving version's adapter row (None: the base model serves)
     budgeted: Callable[[str, Any], Any]  # (state, step config) -> the config with its share of the time left
     policy: Path | None = None  # the adapter the next step continues from; None: a fresh LoRA on the base
+    # A shorter step than `policy` (PPO's fallback, train.ppo.FALLBACK), set by the last step only: what the
+    # gate tries when `policy` fails it for moving too far.
+    fallback: Path | None = None
     reference: Path | None = None  # the policy PPO's KL is measured against; None: the base model
     rm_dir: Path | None = None
     reward_model: RewardModel | None = None
@@ -98,7 +101,9 @@ def ppo(run: Run) -> tuple[dict, dict]:
                         run.budgeted("ppo", run.cfg.ppo), init_adapter=run.policy, value_head_from=run.rm_dir,
                         reference_adapter=run.reference, demonstrations=run.data.sft or None, quiet=True)
     run.policy = out
+    run.fallback = out / FALLBACK if metrics["fallback_step"] else None
     run.metrics["ppo"] = metrics
-    keys = ("steps", "stop", "score_first", "score_last", "kl_last", "kl_base_last", "ptx_loss_last")
+    keys = ("steps", "stop", "score_first", "score_last", "kl_last", "kl_base_last", "ptx_loss_last", "fallback_step",
+            "fallback_kl")
     reference = run.serving["version"] if run.reference is not None else "base"
     return {**{k: metrics.get(k) for k in keys}, "reference": reference, **chosen(metrics)}, {}
