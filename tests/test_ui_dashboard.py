@@ -116,6 +116,15 @@ def test_cycles_table_has_the_learning_columns_and_blank_cells_for_old_rows():
     assert new["capability"] == "pass 0.80 (was 0.85), loglik -1.23 (was -1.20)" and old["capability"] == ""
 
 
+def test_a_cycle_judged_on_ppos_shorter_step_says_so_in_its_gate_cell():
+    fell_back = {**NEW_CYCLE, "gate": "pass", "steps": {"evaluating": {**NEW_CYCLE["steps"]["evaluating"], "fell_back": {
+        "failed": ["capability_pass", "canaries"], "kl": 7.1, "capability_pass": 0.7}}}}
+    rows = operator_tab.table([operator_tab.cycle_row(c) for c in (fell_back, {**NEW_CYCLE, "gate": "pass"})],
+                              operator_tab.CYCLE_COLUMNS).to_dict("records")
+    assert rows[0]["gate"] == "pass on PPO's shorter step (the full one failed capability_pass, canaries)"
+    assert rows[1]["gate"] == "pass"
+
+
 def test_kl_of_a_new_cycle_whose_serving_version_is_the_base():
     """A new row names both KLs, even when they are the same reference: nothing moves to kl_base."""
     row = {"id": 4, "steps": {"evaluating": {"kl": 0.4, "kl_base": 0.4}}}

@@ -67,9 +67,14 @@ async def refresh(gw: Gateway, picked: str | None = None, canary_picked: str | N
 
 
 def cycle_row(cycle: dict) -> dict:
-    """A cycle as the table shows it: what each step ran, and its learning figures."""
+    """A cycle as the table shows it: what each step ran, its learning figures, and whether the gate
+    judged PPO's shorter step because the full one moved too far."""
     figures = learning_panel.learning_figures(cycle)
-    return {**cycle, "sizes": sizes(cycle), **figures, "capability": learning_panel.capability_text(figures)}
+    fell_back = ((cycle.get("steps") or {}).get(learning_panel.GATE_STEP) or {}).get("fell_back")
+    gate = cycle.get("gate")
+    if fell_back and gate:
+        gate += f" on PPO's shorter step (the full one failed {', '.join(fell_back['failed'])})"
+    return {**cycle, "sizes": sizes(cycle), **figures, "capability": learning_panel.capability_text(figures), "gate": gate}
 
 
 ACTIONS = {
