@@ -115,9 +115,11 @@ def test_table_and_plot(tmp_path):
                   {"round": 0, "eval": ev},
                   {"round": 1, "eval": {**ev, "win_rate": 0.75, "win": 3, "tie": 0}, "timings": {"cycle_s": 60},
                    "feedback": {"comparisons": 8, "thumbs_up": 2, "thumbs_down": 2, "corrections": 1},
-                   "cycle": {"state": "promoted", "version": "v1", "rm_accuracy": 0.8, "kl": 0.3}}]}
+                   "cycle": {"state": "promoted", "version": "v1", "rm_accuracy": 0.8, "kl": 0.3}},
+                  {"round": 2, "eval": ev, "cycle": {"state": "promoted", "version": "v2", "fell_back": {"failed": ["kl"]}}}]}
     text = table(report)
     assert "promoted v1" in text and "0.750 +- 0.400" in text and "0.800" in text
+    assert "promoted v2 fb" in text and "promoted v1 fb" not in text  # v2 is PPO's shorter step
     assert "capab." not in text  # cycles that did not run the capability guard get no column
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
