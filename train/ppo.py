@@ -23,7 +23,10 @@ and reported (`kl_base`). Both live on one base model in memory: the reference i
 peft adapter, the base is the model with adapters disabled.
 If the KL to the reference (nats per response) ever rises more than `kl_stop` above where the
 starting adapter was, the adapter is put back to its last state under that bound and training
-stops (an adapter continued from earlier cycles may start with some KL of its own).
+stops (an adapter continued from earlier cycles may start with some KL of its own). A run that goes
+more than `fallback_kl` above that start also saves the last policy within it (`fallback/`): a
+shorter step in the same direction, which a cycle offers the gate when the full step cost too much
+(train.cycle).
 
 The value head is a linear layer on the policy's own final hidden states (a shared trunk,
 as in the original InstructGPT-era TRL), initialised from the reward model's head rescaled
