@@ -518,7 +518,7 @@ def train_ppo(
     total = pace.start(cfg.steps)
     log = common.RunLog(out_dir, total, "ppo", quiet)
     history, stop = [], "steps done"
-    safe, kl_bound, fallback = lora_state(model), None, None
+    safe, kl_start, fallback = lora_state(model), None, None
     step = 0
     while step < total:
         step += 1
@@ -528,15 +528,15 @@ def train_ppo(
         prompts_now = [p for p in distinct for _ in range(cfg.samples_per_prompt)]
         batch = rollout(model, value_head, tokenizer, prompts_now, reward_fn, cfg, kl_ctl.coef, clock)
         stats = batch["stats"]
-        if kl_bound is None:
-            kl_bound = stats["kl"] + cfg.kl_stop
-        if stats["kl"] > kl_bound:
+        if kl_start is None:
+            kl_start = stats["kl"]
+        if stats["kl"] > kl_start + cfg.kl_stop:
             restore_lora(model, safe)  # the last update went too far from the reference: undo it and stop
-            stop = f"KL {stats['kl']:.2f} > bound {kl_bound:.2f} at step {step}: reverted to the previous step"
+            stop = f"KL {stats['kl']:.2f} > bound {kl_start + cfg.kl_stop:.2f} at step {step}: reverted to the previous step"
             log.step(step, **stats, kl_coef=kl_ctl.coef, stopped=True)
             break
         safe = lora_state(model)
-        if cfg.fallback_kl is not None and stats["kl"] <= kl_bound - cfg.kl_stop + cfg.fallback_kl:
+        if cfg.fallback_kl is not None and stats["kl"] <= kl_start + cfg.fallback_kl:
             fallback = (step, stats["kl"], safe)  # the policy that rolled out this step, before its update
         with clock("update"):
             stats.update(update(model, value_head, opt, params, batch, cfg, gen, demos))
@@ -551,7 +551,6 @@ def train_ppo(
         log.step(step, **stats)
     log.close()
 
-    first, last = (history[0], history[-1]) if history else ({}, {})
     # A fallback only when the run went past it: else the policy itself is as short a step.
     if fallback is not None and fallback[0] < len(history):
         trained = lora_state(model)
@@ -564,6 +563,7 @@ def train_ppo(
     save_file({k: v.detach().cpu().contiguous() for k, v in value_head.state_dict().items()}, str(out_dir / VALUE_HEAD_FILE))
     common.write_json(out_dir / "train_config.json", {"step": "ppo", "model": str(model_dir), "init_adapter": init_adapter,
                                                       "reference_adapter": reference_adapter, **asdict(cfg)})
+    first, last = (history[0], history[-1]) if history else ({}, {})
     return {
         "steps": len(history),
         "stop": stop,
@@ -571,7 +571,7 @@ def train_ppo(
         "score_last": last.get("score"),
         "kl_first": first.get("kl"),
         "kl_last": last.get("kl"),
-        "kl_bound": kl_bound,
+        "kl_bound": None if kl_start is None else kl_start + cfg.kl_stop,
         "kl_base_first": first.get("kl_base"),
         "kl_base_last": last.get("kl_base"),
         "reference": str(reference_adapter) if reference_adapter is not None else "base",
