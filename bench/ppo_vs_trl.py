@@ -6,15 +6,16 @@ Both sides get the same model, prompts, batch (16), response length (64), 1 PPO 
 policy with the adapter off, as in ours), a separate value model and a separate reward model (both
 sequence-classification copies of the base). Ours: one model, a value head on the policy's trunk,
 and a reward model that is base + LoRA + head (trained for one step here; its scores do not matter
-for throughput). What else differs in the work done: TRL takes the old log-probs from the sampling
-pass's own logits, ours recomputes them in one no-grad pass on the same batch layout as the
-reference's; TRL's passes run the LM head at every position, ours only at response positions.
+for throughput). What else differs in the work done: both take the old log-probs from the sampling
+pass (ours also its values and entropy, and it draws tokens by inverse CDF with the adapter in the
+model's dtype: train.ppo.Sampler); TRL's passes run the LM head at every position, ours only at
+response positions.
 
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; the time counted
 is the PPO loop only (model loading excluded on both sides), as wall-clock seconds and as the
 process's CPU seconds (all threads): on a machine shared with other work the wall-clock ratio
 moves with the neighbours' load, the CPU-time ratio much less. For ours it also prints where each
-iteration's time goes (sampling, scoring, policy pass, reference pass, update). With `--repeats N`
+iteration's time goes (sampling, scoring, reference pass, update). With `--repeats N`
 the sides alternate N times and each keeps its best run. TRL is a benchmark-only dependency:
 `pip install trl==1.9.2`.
 
@@ -50,7 +51,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-PHASES = ("generate", "score", "policy", "reference", "update")
+PHASES = ("generate", "score", "reference", "update")
 
 
 def cpu_seconds() -> float:

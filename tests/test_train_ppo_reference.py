@@ -23,10 +23,12 @@ def serving_adapter(model_dir, out):
 
 def test_kl_to_the_adapter_it_starts_from_is_zero_and_to_the_base_is_not(tiny_model_dir, tmp_path):  # noqa: F811
     serving = serving_adapter(tiny_model_dir, tmp_path / "serving")
-    cfg = PPOConfig(steps=2, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8, lr=1e-2)
+    # float32: the policy's log-probs come from the sampling pass, the reference's from a full-sequence pass,
+    # and in bf16 the two layouts' rounding alone is ~0.004 nats a token (see train.ppo).
+    cfg = PPOConfig(steps=2, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8, lr=1e-2, dtype="float32")
     metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", rule_reward, cfg, init_adapter=serving,
                         reference_adapter=serving, quiet=True)
-    assert abs(metrics["kl_first"]) < 1e-6  # the policy is the reference, computed the same way
+    assert abs(metrics["kl_first"]) < 1e-4  # the policy is the reference
     assert metrics["kl_base_first"] > 0.1  # the serving adapter is far from the base
     assert metrics["reference"] == str(serving)
     lines = [json.loads(x) for x in (tmp_path / "ppo" / "metrics.jsonl").read_text().splitlines()]

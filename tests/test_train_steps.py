@@ -117,7 +117,9 @@ def test_ppo_runs_logs_and_keeps_the_value_head_out_of_the_adapter(tiny_model_di
     assert metrics["steps"] == 2 and metrics["stop"] == "steps done"
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert {"score", "kl", "entropy", "clipfrac", "vf_loss", "approx_kl", "pg_loss", "kl_coef", "samples_per_s"} <= lines[-1].keys()
-    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-6)  # a fresh LoRA (B = 0) is the reference exactly
+    # A fresh LoRA (B = 0) is the reference: what is left is the rounding of the sampling pass's layout
+    # (the policy's log-probs) against the reference pass's.
+    assert lines[0]["kl"] == pytest.approx(0.0, abs=1e-4)
     check_adapter(tmp_path)
     assert all("lora_" in k for k in load_file(str(tmp_path / "adapter_model.safetensors")))
     assert set(load_file(str(tmp_path / VALUE_HEAD_FILE))) == {"linear.weight", "linear.bias"}
@@ -141,7 +143,7 @@ def test_ppo_saves_the_last_policy_within_fallback_kl_when_it_goes_further(tiny_
     metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "far", rule_reward, cfg, quiet=True)
     lines = [json.loads(x) for x in (tmp_path / "far" / "metrics.jsonl").read_text().splitlines()]
     assert metrics["steps"] == 3 and all(line["kl"] > 1e-3 for line in lines[1:])
-    assert metrics["fallback_step"] == 1 and metrics["fallback_kl"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["fallback_step"] == 1 and metrics["fallback_kl"] == pytest.approx(0.0, abs=1e-4)
     check_adapter(tmp_path / "far" / FALLBACK)
     fallback = load_file(str(tmp_path / "far" / FALLBACK / "adapter_model.safetensors"))
     trained = load_file(str(tmp_path / "far" / "adapter_model.safetensors"))

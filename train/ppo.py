@@ -6,10 +6,9 @@ One step:
   2. score: reward_fn(prompts, responses) (the reward model, or any rule), minus
      `missing_eos_penalty` for responses that never ended; with `samples_per_prompt` answers to each
      prompt, minus the mean score of the prompt's other answers (grouped_scores);
-  3. one no-grad pass of the policy (log-probs at the same temperature, values, entropy), one
-     of the reference and, when the reference is not the base model, one of the base model, all
-     on the same batch (same padding, same positions), so that their differences are the models'
-     and not the layout's;
+  3. the policy's log-probs at the same temperature, values and entropy are taken from the sampling
+     pass itself (see Sampler); one no-grad pass of the reference and, when the reference is not the
+     base model, one of the base model;
   4. per-token reward = -kl_coef * (logp - logp_ref), plus the score at the last token;
      GAE with gamma=1, lambda=0.95; advantages whitened over the batch;
   5. `ppo_epochs` passes over `minibatches` minibatches of the clipped policy loss plus the
@@ -38,12 +37,16 @@ prompt, so there the head starts at 0). It is saved next to the adapter as
 `value_head.safetensors`, never inside the adapter that vLLM serves.
 
 Where the time goes (bench/ppo_vs_trl.py prints it per phase): sampling, then the update, then the
-no-grad passes. What keeps them cheap: the LM head runs only at response positions, on contiguous
-hidden states (see response_hidden), and only the taken tokens' log-probs are formed (token_logprobs);
-a minibatch drops the padding columns all its rows share (tight). Not done: sampling with the adapter
-merged into the weights saved ~8% of sampling's CPU time, but in bf16 the merged weights' rounding
-moves the sampled distribution by ~0.04 nats per token, and on the real model it learned less
-in 2 of 3 seeds (tests/test_train_real.py's PPO test failed with it).
+no-grad passes. What keeps them cheap: no pass of the policy besides sampling (its log-probs, entropy
+and the hidden states for the values are kept while sampling; in bf16 they differ from a separate
+full-sequence pass by ~0.04 nats a token of rounding, the noise TRL's PPO also takes, well inside the
+clip range), tokens drawn by inverse CDF (Sampler), adapters in bf16 while sampling
+(adapters_in_model_dtype); the LM head runs only at response positions, on contiguous hidden states (see
+response_hidden), and only the taken tokens' log-probs are formed (token_logprobs); a minibatch drops
+the padding columns all its rows share (tight). Not done: sampling with the adapter merged into the
+weights saved ~8% of sampling's CPU time, but in bf16 the merged weights' rounding moves the sampled
+distribution by ~0.04 nats per token, and on the real model it learned less in 2 of 3 seeds
+(tests/test_train_real.py's PPO test failed with it).
 """
 
 from __future__ import annotations
@@ -113,6 +116,8 @@ class PPOConfig:
     def __post_init__(self):
         if self.samples_per_prompt < 1 or self.batch_size % self.samples_per_prompt:
             raise ValueError(f"samples_per_prompt must divide batch_size ({self.batch_size}), not {self.samples_per_prompt!r}")
+        if not self.temperature > 0:
+            raise ValueError(f"PPO samples its rollouts: temperature must be positive, not {self.temperature!r}")
         if self.fallback_kl is not None and not self.fallback_kl > 0:
             raise ValueError(f"fallback_kl must be positive or None, not {self.fallback_kl!r}")
 
@@ -264,32 +269,94 @@ def reference_model(model):
         model.set_adapter(POLICY)  # trainable again, the reference frozen
 
 
+class Sampler:
+    """A logits processor that draws each next token at `temperature` itself, by inverse CDF (one uniform
+    number a row), and leaves that token the only one standing, so that generate() runs greedy.
+
+    Why not transformers' sampling: torch.multinomial draws an exponential variate for every one of the
+    49k vocabulary entries of every row at every step, ~16 ms a step at batch 16 in bf16, 8% of sampling
+    (bench/RESULTS.md). Same distribution. On the way it keeps each drawn token's log-prob and the
+    entropy of the distribution it came from, in float32: the policy figures PPO's rollout needs, so
+    that no second pass of the policy has to compute them again."""
+
+    def __init__(self, temperature: float):
+        self.temperature = temperature
+        self.logprobs: list[torch.Tensor] = []
+        self.entropy: list[torch.Tensor] = []
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        logp = torch.log_softmax(scores.float() / self.temperature, -1)
+        probs = logp.exp()
+        cdf = probs.cumsum(-1)
+        # The first entry whose cumulative probability exceeds the draw: never a zero-probability token.
+        tokens = torch.searchsorted(cdf, torch.rand(len(cdf), 1, device=cdf.device) * cdf[:, -1:], right=True)
+        tokens = tokens.clamp(max=scores.shape[-1] - 1)
+        self.logprobs.append(logp.gather(-1, tokens).squeeze(-1))
+        self.entropy.append(-(probs * logp).nan_to_num().sum(-1))  # 0 * log 0 is 0
+        return torch.full_like(scores, float("-inf")).scatter_(-1, tokens, 0.0)
+
+
+@contextmanager
+def adapters_in_model_dtype(model):
+    """Adapter weights in the base weights' dtype while inside, put back exactly after.
+
+    peft keeps LoRA weights in float32 on a bf16 model (what the optimiser needs); every LoRA layer then
+    casts its input up and its result back, ~15% of a bf16 decode step at batch 16 (bench/RESULTS.md).
+    Sampling does not need it: vLLM serves the same adapter in bf16. (Merging the adapter into the
+    weights is faster still, but rounds every weight the adapter touches: ~0.04 nats a token, see the
+    module docstring.)"""
+    dtype = model.get_base_model().dtype
+    lora = [p for name, p in model.named_parameters() if "lora_" in name and p.dtype != dtype]
+    kept = [p.data for p in lora]
+    for p in lora:
+        p.data = p.data.to(dtype)
+    try:
+        yield
+    finally:
+        for p, data in zip(lora, kept):
+            p.data = data
+
+
 @torch.no_grad()
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, temperature: float, max_prompt_len: int = 512) -> dict:
     """Sample one response per prompt (temperature 0 = greedy). Responses are cut after their
-    first EOS; `seq`/`attn` are the left-padded prompts followed by the responses."""
+    first EOS; `seq`/`attn` are the left-padded prompts followed by the responses.
+
+    Also what the sampling pass itself knows about each response token: the final hidden states that
+    predicted it (`hidden`, for a value head) and, when sampled, its log-prob at `temperature`
+    (`logprobs`) and the entropy of the distribution it was drawn from (`entropy`)."""
     model.eval()
     rows = [common.encode_prompt(tokenizer, p)[-max_prompt_len:] for p in prompts]
     ids = common.pad_left(rows, tokenizer.pad_token_id).to(model.device)
     attn = common.pad_left([[1] * len(r) for r in rows], 0).to(model.device)
-    sampling = dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0) if temperature > 0 else dict(do_sample=False)
-    # The first step's LM head gets the last prompt position as a strided slice (see response_hidden).
+    sampler = Sampler(temperature) if temperature > 0 else None
+    hidden = []
+
+    def keep_contiguous(module, args):
+        # The LM head sees the position that predicts the next token ([B, 1, H]); made contiguous, as
+        # the first step's is a strided slice (see response_hidden).
+        states = args[0][:, -1:].contiguous()
+        hidden.append(states)
+        return (states, *args[1:])
+
     _, head = common.backbone_and_head(model)
-    contiguous = head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
+    hook = head.register_forward_pre_hook(keep_contiguous)
     try:
-        out = model.generate(
-            input_ids=ids,
-            attention_mask=attn,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            **sampling,
-        )
+        with adapters_in_model_dtype(model):
+            out = model.generate(
+                input_ids=ids,
+                attention_mask=attn,
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                logits_processor=[sampler] if sampler else None,
+                pad_token_id=tokenizer.pad_token_id,
+                eos_token_id=tokenizer.eos_token_id,
+            )
     finally:
-        contiguous.remove()
+        hook.remove()
     P = ids.shape[1]
     responses, mask, ended = truncate_at_eos(out[:, P:], tokenizer.eos_token_id, tokenizer.pad_token_id)
-    return {
+    batch = {
         "seq": torch.cat([ids, responses], 1),
         "attn": torch.cat([attn, torch.ones_like(responses)], 1),
         "prompt_len": P,
@@ -297,7 +364,11 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int, t
         "mask": mask,
         "ended": ended,
         "texts": tokenizer.batch_decode(responses, skip_special_tokens=True),
+        "hidden": torch.cat(hidden, 1),
     }
+    if sampler:
+        batch.update(logprobs=torch.stack(sampler.logprobs, 1) * mask, entropy=torch.stack(sampler.entropy, 1))
+    return batch
 
 
 class Clock:
@@ -334,9 +405,9 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
         raw_scores = torch.as_tensor(reward_fn(prompts, batch["texts"]), dtype=torch.float32).reshape(-1).to(seq.device)
     scores = grouped_scores(raw_scores - cfg.missing_eos_penalty * (~ended).float(), cfg.samples_per_prompt)
 
+    # The policy's own figures come from the sampling pass (see Sampler); only the reference needs a pass.
+    logprobs, values, entropy = batch["logprobs"], value_head(batch["hidden"]), batch["entropy"]
     args = (seq, attn, P, responses, cfg.temperature)
-    with clock("policy"):
-        logprobs, values, entropy = forward(model, value_head, *args, with_entropy=True)
     with clock("reference"), reference_model(model):
         ref_logprobs, _, _ = forward(model, None, *args)
     kl = (logprobs - ref_logprobs) * mask
@@ -350,7 +421,6 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return {
         **batch,
-        "logprobs": logprobs,
         "values": values * mask,
         "advantages": whiten(adv, mask),
         "returns": returns,
@@ -482,7 +552,7 @@ def train_ppo(
     when `cfg.ptx_coef` > 0 (none given, or an empty list: plain PPO).
     Returns metrics (first/last step figures, stop reason, what the time budget chose:
     `planned_steps`, `measured_s_per_step`); per-step lines in metrics.jsonl, with the seconds
-    each phase took (`seconds_generate`, `seconds_score`, `seconds_policy`, `seconds_reference`,
+    each phase took (`seconds_generate`, `seconds_score`, `seconds_reference`,
     `seconds_base`, `seconds_update`, and the same as `cpu_seconds_*`)."""
     from safetensors.torch import save_file
 
