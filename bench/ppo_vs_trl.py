@@ -7,9 +7,9 @@ policy with the adapter off, as in ours), a separate value model and a separate 
 sequence-classification copies of the base). Ours: one model, a value head on the policy's trunk,
 and a reward model that is base + LoRA + head (trained for one step here; its scores do not matter
 for throughput). What else differs in the work done: both take the old log-probs from the sampling
-pass (ours also its values and entropy, and it draws tokens by inverse CDF with the adapter in the
-model's dtype: train.ppo.Sampler); TRL's passes run the LM head at every position, ours only at
-response positions.
+pass (ours also its values and entropy; it draws tokens by inverse CDF, train.ppo.Sampler, with the
+adapter in the model's dtype, train.ppo.adapters_in_model_dtype); TRL's passes run the LM head at
+every position, ours only at response positions.
 
 Each side runs in its own subprocess so its peak RSS (ru_maxrss) is its own; the time counted
 is the PPO loop only (model loading excluded on both sides), as wall-clock seconds and as the
