@@ -91,7 +91,7 @@ def _chosen_example(prompt_ids: list[int], batch: dict, row: int, max_len: int) 
 def sequence_logprobs(model, ids: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Per row, the summed log-probability of its labelled tokens."""
     logits, targets, rows = labelled_logits(model, ids, labels, mask)
-    logp, _ = token_logprobs(logits, targets, 1.0)
+    logp = token_logprobs(logits, targets, 1.0)
     return torch.zeros(len(ids), device=ids.device).index_add_(0, rows, logp)
 
 

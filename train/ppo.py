@@ -218,26 +218,21 @@ def response_logprobs(model, seq, attn, prompt_len: int, temperature: float):
     return torch.log_softmax(head(hidden).float() / temperature, -1), hidden
 
 
-def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float, with_entropy: bool = False):
-    """(log-prob of `tokens` under softmax(logits / temperature), its entropy or None), in float32.
+def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-prob of `tokens` under softmax(logits / temperature), in float32.
 
     log p(t) = logit_t / T - logsumexp(logits / T): only the taken tokens' log-probs are formed,
     never the vocabulary-wide log-softmax (49k floats per position, and as many again for its gradient)."""
     scaled = logits.float() / temperature
     norm = torch.logsumexp(scaled, -1)
-    logprobs = scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - norm
-    entropy = norm - (torch.softmax(scaled, -1) * scaled).sum(-1) if with_entropy else None
-    return logprobs, entropy
+    return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - norm
 
 
-def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float, with_entropy: bool = False):
-    """Per response token: log-prob at `temperature`, value of the state before it (None when
-    value_head is None), and optionally the entropy of the sampling distribution. One trunk pass;
-    the LM head runs only at response positions."""
+def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float):
+    """Per response token: (log-prob at `temperature`, value of the state before it, None when
+    value_head is None). One trunk pass; the LM head runs only at response positions."""
     hidden, head = response_hidden(model, seq, attn, prompt_len)
-    logprobs, entropy = token_logprobs(head(hidden), responses, temperature, with_entropy)
-    values = value_head(hidden) if value_head is not None else None
-    return logprobs, values, entropy
+    return token_logprobs(head(hidden), responses, temperature), value_head(hidden) if value_head is not None else None
 
 
 def tight(batch: dict, rows: torch.Tensor) -> tuple:
@@ -409,11 +404,11 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     logprobs, values, entropy = batch["logprobs"], value_head(batch["hidden"]), batch["entropy"]
     args = (seq, attn, P, responses, cfg.temperature)
     with clock("reference"), reference_model(model):
-        ref_logprobs, _, _ = forward(model, None, *args)
+        ref_logprobs, _ = forward(model, None, *args)
     kl = (logprobs - ref_logprobs) * mask
     if REFERENCE in model.peft_config:
         with clock("base"), model.disable_adapter():
-            base_logprobs, _, _ = forward(model, None, *args)
+            base_logprobs, _ = forward(model, None, *args)
         kl_base = (logprobs - base_logprobs) * mask
     else:
         kl_base = kl
@@ -463,7 +458,7 @@ def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generato
             i = order[start : start + size].to(batch["seq"].device)
             seq, attn, prompt_len, responses, width = tight(batch, i)
             mask, adv, old_logp, old_v, ret = (batch[k][i, :width] for k in ("mask", "advantages", "logprobs", "values", "returns"))
-            logp, v, _ = forward(model, value_head, seq, attn, prompt_len, responses, cfg.temperature)
+            logp, v = forward(model, value_head, seq, attn, prompt_len, responses, cfg.temperature)
             logratio = (logp - old_logp) * mask
             ratio = logratio.exp()
             pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)), mask)
