@@ -13,6 +13,7 @@ under load).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 
@@ -132,7 +133,9 @@ def model_dir() -> Path:
 def vllm_gateway(model_dir, tmp_path_factory):
     data = tmp_path_factory.mktemp("vllm-gw")
     port, engine_port = free_port(), free_port()
-    server = Server(["up", "--no-worker", "--engine", "vllm", "--port", str(port), "--engine-port", str(engine_port),
+    # The browser tests use its /ui; a machine without gradio (bench/gpu_check.sh's GPU machine) serves none.
+    ui = [] if importlib.util.find_spec("gradio") else ["--no-ui"]
+    server = Server(["up", "--no-worker", *ui, "--engine", "vllm", "--port", str(port), "--engine-port", str(engine_port),
                      "--data-dir", str(data), "--model", str(model_dir)], data, port)
     server.engine_url = f"http://127.0.0.1:{engine_port}"
     yield server.start(timeout=600)  # a cold vLLM start on a busy 2-core machine can pass 300 s
