@@ -85,8 +85,10 @@ if has serve; then
         step hf-hot-swap 200 "${pytest[@]}" --basetemp "$out/pytest-serve" tests/test_loop_hotswap_hf.py
     fi
 fi
-# The servers' logs (gateway, vLLM) go into one file beside the step logs; the rest of pytest's files go.
+# The servers' logs (gateway, vLLM) go into one file beside the step logs, each as its first error lines
+# (a crash's cause comes before the restarts that follow it) and its last lines; the rest of pytest's files go.
 find "$out"/pytest-* -name '*.log' -size +0 2>/dev/null | while read -r f; do
-    printf '\n==== %s\n' "${f#"$out"/}"; tail -n 60 "$f"
+    printf '\n==== %s: first errors\n' "${f#"$out"/}"; grep -m 30 -E "Error|ERROR|Traceback" "$f"
+    printf '==== %s: last lines\n' "${f#"$out"/}"; tail -n 60 "$f"
 done >"$out/server-logs.txt"
 rm -rf "$out"/pytest-*
