@@ -77,6 +77,8 @@ if has serve; then
         # One compile cache for every vLLM start below (each test server and benchmark has its own data dir).
         export VLLM_CACHE_ROOT="$PWD/.cache/vllm" TORCHINDUCTOR_CACHE_DIR="$PWD/.cache/inductor"
         "$py" -c "import vllm; print('vllm', vllm.__version__)" | tee -a "$out/summary.txt"
+        # vLLM 0.26's GPU sampler imports flashinfer (a dependency a hand-carried vLLM may lack) unless told not to.
+        "$py" -c "import flashinfer" 2>/dev/null || export VLLM_USE_FLASHINFER_SAMPLER=0
         step vllm-tests 300 "${pytest[@]}" --basetemp "$out/pytest-serve" tests/test_loop_hotswap.py tests/test_gateway_lora_batching.py
         step hot-swap 180 "$py" bench/hot_swap.py --model "$model"
         step serving 180 "$py" bench/serving.py --model "$model"
