@@ -232,7 +232,8 @@ def forward(model, value_head, seq, attn, prompt_len: int, responses, temperatur
     """Per response token: (log-prob at `temperature`, value of the state before it, None when
     value_head is None). One trunk pass; the LM head runs only at response positions."""
     hidden, head = response_hidden(model, seq, attn, prompt_len)
-    return token_logprobs(head(hidden), responses, temperature), value_head(hidden) if value_head is not None else None
+    values = value_head(hidden) if value_head is not None else None
+    return token_logprobs(head(hidden), responses, temperature), values
 
 
 def tight(batch: dict, rows: torch.Tensor) -> tuple:
