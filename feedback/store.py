@@ -40,6 +40,20 @@ def conversation_hash(messages: list[dict]) -> str:
     return hashlib.sha256(canon.encode()).hexdigest()[:32]
 
 
+def _switch_to_wal(conn: sqlite3.Connection) -> None:
+    """PRAGMA journal_mode=WAL, retried for up to the busy timeout: when several connections switch a new
+    file at once, SQLite answers the losers "database is locked" at once, not through the busy handler."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_MS / 1000
+    while True:
+        try:
+            conn.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 class Store:
     def __init__(self, path: str | Path, *, upto: int | None = None):
         self.path = Path(path)
@@ -52,8 +66,8 @@ class Store:
         db = getattr(self._local, "db", None)
         if db is None:
             conn = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_MS / 1000, isolation_level=None)
-            conn.execute("PRAGMA journal_mode=WAL")
             conn.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+            _switch_to_wal(conn)
             conn.execute("PRAGMA foreign_keys=ON")
             conn.execute("PRAGMA synchronous=NORMAL")
             db = self._local.db = sqlite_utils.Database(conn)
