@@ -161,7 +161,8 @@ def test_cycle_run_recipe_flag_is_stored_and_validated(data_dir, ran):
 
 @pytest.mark.parametrize("overrides, message", [({"recipe": "ppo-only"}, "unknown recipe 'ppo-only'; one of rlhf, sft, bon"),
                                                 ({"init": "scratch"}, "init must be one of serving, base"),
-                                                ({"end_at": "canary", "canary_share": 1.5}, "canary_share must be between 0 and 1")])
+                                                ({"end_at": "canary", "canary_share": 1.5}, "canary_share must be between 0 and 1"),
+                                                ({"ptx_data": "wiki"}, "ptx_data must be demonstrations or skills or a JSONL file, not 'wiki'")])
 def test_a_bad_cycle_config_is_a_one_line_error(data_dir, ran, overrides, message):
     (data_dir / "cycle.json").write_text(json.dumps(overrides))
     result = cycle_run(data_dir, "--config", str(data_dir / "cycle.json"))

@@ -2,7 +2,7 @@
 recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
 started from the one published with it) and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
 base` starts every cycle from the base model; a candidate that fails the gate only for moving too far has
-PPO's shorter step judged instead."""
+PPO's shorter step judged instead; `ptx_data: skills` mixes the shipped skills set into PPO."""
 
 import httpx
 import pytest
@@ -12,6 +12,9 @@ from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtur
 from feedback import Store, cycles
 from train import artifacts, cycle as cycle_module
 from train.cycle import CycleConfig, run_cycle
+from train.data import read_sft
+from train.evaluate import CAPABILITIES, read_capabilities
+from train.recipes import steps as steps_module
 from train.reward import PROBE_READS, STATES, RewardConfig
 
 TINY = {
@@ -110,6 +113,32 @@ def test_bon_recipe_runs_best_of_n_on_the_reward_model_then_ppo_from_it(tiny_mod
     assert steps["best_of_n"]["score_best"] > steps["best_of_n"]["score_all"]
     assert steps["ppo"]["steps"] == TINY["ppo"]["steps"]  # PPO went on from best-of-n's policy
     assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["best_of_n"]["n"] == 2
+
+
+def test_ptx_mixes_the_shipped_skills_set_into_ppo(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """`ptx_data: skills`: PPO-ptx mixes the shipped general-skills set into PPO's updates, not the
+    cycle's own demonstrations; the manifest says which."""
+    mixed, real_ppo = [], steps_module.train_ppo
+
+    def ppo(*args, demonstrations=None, **kw):
+        mixed.append(demonstrations)
+        return real_ppo(*args, demonstrations=demonstrations, **kw)
+
+    monkeypatch.setattr(steps_module, "train_ppo", ppo)
+    store = Store(tmp_path / "loopchat.db")
+    vote_shorter(store, 16)
+    row = cycle(store, tiny_model_dir, tmp_path / "adapters", ptx_data="skills")
+    assert row["state"] == "published", row["error"]
+    assert mixed == [str(steps_module.SKILLS)]
+    assert row["steps"]["ppo"]["ptx_data"] == "skills" and row["steps"]["ppo"]["ptx_loss_last"] > 0
+    assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["ptx_data"] == "skills"
+
+
+def test_the_skills_set_is_demonstrations_none_of_them_a_capability_item():
+    records = read_sft(steps_module.SKILLS)
+    assert len(records) >= 50 and all(len(r) == 2 and r[-1]["role"] == "assistant" and r[-1]["content"] for r in records)
+    gate = {item["prompt"].casefold() for item in read_capabilities(CAPABILITIES)}
+    assert not gate & {r[0]["content"].casefold() for r in records}
 
 
 @pytest.mark.parametrize("failing, judged", [("capability_pass", 2), ("reward_gain", 1)])

@@ -41,6 +41,7 @@ INITS = ("serving", "base")
 MOVED_TOO_FAR = {"kl", "kl_base", "canaries", "capability_loglik", "capability_pass", "capability_loglik_base",
                  "capability_pass_base"}
 ENDS = ("promoted", "canary")
+PTX_SETS = ("demonstrations", "skills")
 
 
 @dataclass
@@ -70,6 +71,10 @@ class CycleConfig:
     # model one answer per prompt learned nothing at 5e-5 and went past PPO's KL stop at 3e-4 (bench/RESULTS.md,
     # "PPO with 4 answers to each prompt").
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4))
+    # What PPO-ptx (`ppo.ptx_coef` > 0) mixes into PPO's updates: `demonstrations`, the cycle's own (what users
+    # wrote and chose); `skills`, the shipped general-skills set (train/data/skills.jsonl: facts, arithmetic,
+    # short instructions, none of them the gate's capability items); or the path of a JSONL of demonstrations.
+    ptx_data: str = "demonstrations"
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
@@ -78,6 +83,8 @@ class CycleConfig:
             raise ValueError(f"init must be one of {', '.join(INITS)}, not {self.init!r}")
         if self.end_at not in ENDS:
             raise ValueError(f"end_at must be one of {', '.join(ENDS)}, not {self.end_at!r}")
+        if self.ptx_data not in PTX_SETS and not Path(self.ptx_data).is_file():
+            raise ValueError(f"ptx_data must be {' or '.join(PTX_SETS)} or a JSONL file, not {self.ptx_data!r}")
         if not 0 < self.canary_share < 1:
             raise ValueError(f"canary_share must be between 0 and 1, not {self.canary_share!r}")
 
@@ -226,6 +233,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
         run.policy, cfg.adapters_dir, base_model=str(cfg.model_dir),
         parent_version=int(serving["version"][1:]) if serving else None, data_snapshot=snapshot,
         hyperparameters={"cycle_minutes": cfg.cycle_minutes, "recipe": cfg.recipe, "init": cfg.init,
+                         "ptx_data": cfg.ptx_data,
                          **{k: dataclasses.asdict(getattr(cfg, k)) for k in ("sft", "rm", "best_of_n", "ppo", "gate")}},
         metrics={**run.metrics, **figures}, gate=verdict, reward_model=run.rm_dir)
     manifest = artifacts.load_manifest(version_dir)

@@ -14,6 +14,8 @@ from train.ppo import FALLBACK, train_ppo
 from train.reward import RewardModel, train_reward_model
 from train.sft import train_sft
 
+SKILLS = Path(__file__).parent.parent / "data" / "skills.jsonl"  # PPO-ptx's shipped set (train.cycle's `ptx_data`)
+
 
 @dataclass
 class Data:
@@ -93,17 +95,27 @@ def best_of_n(run: Run) -> tuple[dict, dict]:
             **chosen(metrics)}, {}
 
 
+def ptx_demonstrations(run: Run) -> list[dict] | str | None:
+    """What PPO-ptx mixes in (the cycle config's `ptx_data`): the cycle's own demonstrations, the shipped
+    general-skills set, or a file."""
+    source = run.cfg.ptx_data
+    if source == "demonstrations":
+        return run.data.sft or None
+    return str(SKILLS) if source == "skills" else source
+
+
 def ppo(run: Run) -> tuple[dict, dict]:
     """PPO against the reward model from the run's policy, its KL penalty against `run.reference`, with
-    the demonstrations mixed in when `ppo.ptx_coef` > 0 (PPO-ptx)."""
+    demonstrations mixed in when `ppo.ptx_coef` > 0 (PPO-ptx; which ones: ptx_demonstrations)."""
     out = run.work / "ppo"
     metrics = train_ppo(run.cfg.model_dir, run.data.prompts or run.data.heldout_prompts, out, run.reward_model.score,
                         run.budgeted("ppo", run.cfg.ppo), init_adapter=run.policy, value_head_from=run.rm_dir,
-                        reference_adapter=run.reference, demonstrations=run.data.sft or None, quiet=True)
+                        reference_adapter=run.reference, demonstrations=ptx_demonstrations(run), quiet=True)
     run.policy = out
     run.fallback = out / FALLBACK if metrics["fallback_step"] else None
     run.metrics["ppo"] = metrics
     keys = ("steps", "stop", "score_first", "score_last", "kl_last", "kl_base_last", "ptx_loss_last", "fallback_step",
             "fallback_kl")
     reference = run.serving["version"] if run.reference is not None else "base"
-    return {**{k: metrics.get(k) for k in keys}, "reference": reference, **chosen(metrics)}, {}
+    ptx = run.cfg.ptx_data if run.cfg.ppo.ptx_coef > 0 else None
+    return {**{k: metrics.get(k) for k in keys}, "reference": reference, "ptx_data": ptx, **chosen(metrics)}, {}
