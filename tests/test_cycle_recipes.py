@@ -2,7 +2,7 @@
 recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
 started from the one published with it) and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
 base` starts every cycle from the base model; a candidate that fails the gate only for moving too far has
-PPO's shorter step judged instead; `ptx_data: skills` mixes the shipped skills set into PPO."""
+PPO's shorter step judged instead; `ptx_data` says what PPO-ptx mixes in."""
 
 import httpx
 import pytest
@@ -61,7 +61,7 @@ def test_rlhf_continues_the_serving_version_and_ends_at_a_canary(fake_gateway, t
     assert cycles.serving_version(store)[0] == "v1"  # the alias did not move
     # PPO's KL and the gate's `kl` are to v1, the policy being replaced; KL to the base is reported beside it
     assert steps["ppo"]["reference"] == "v1" and steps["ppo"]["kl_base_last"] is not None
-    assert steps["ppo"]["ptx_loss_last"] is not None  # the demonstrations were mixed in (ppo.ptx_coef)
+    assert steps["ppo"]["ptx_loss_last"] is not None  # PPO-ptx mixed in the skills set (ppo.ptx_coef)
     assert steps["reward_model"]["init_from"] == "v1" and steps["reward_model"]["accuracy_ci95"] is not None
     gate = steps["evaluating"]
     assert gate["kl"] != gate["kl_base"] and gate["kl_base"] > 0
@@ -115,9 +115,10 @@ def test_bon_recipe_runs_best_of_n_on_the_reward_model_then_ppo_from_it(tiny_mod
     assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["best_of_n"]["n"] == 2
 
 
-def test_ptx_mixes_the_shipped_skills_set_into_ppo(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
-    """`ptx_data: skills`: PPO-ptx mixes the shipped general-skills set into PPO's updates, not the
-    cycle's own demonstrations; the manifest says which."""
+@pytest.mark.parametrize("ptx_data", ["skills", "demonstrations"])
+def test_ptx_data_says_what_ppo_mixes_in(tiny_model_dir, tmp_path, monkeypatch, ptx_data):  # noqa: F811
+    """`ptx_data: skills` (the default): PPO-ptx mixes the shipped general-skills set into PPO's updates;
+    `demonstrations`: the cycle's own. The cycle row and the manifest say which."""
     mixed, real_ppo = [], steps_module.train_ppo
 
     def ppo(*args, demonstrations=None, **kw):
@@ -127,11 +128,14 @@ def test_ptx_mixes_the_shipped_skills_set_into_ppo(tiny_model_dir, tmp_path, mon
     monkeypatch.setattr(steps_module, "train_ppo", ppo)
     store = Store(tmp_path / "loopchat.db")
     vote_shorter(store, 16)
-    row = cycle(store, tiny_model_dir, tmp_path / "adapters", ptx_data="skills")
+    row = cycle(store, tiny_model_dir, tmp_path / "adapters", ptx_data=ptx_data)
     assert row["state"] == "published", row["error"]
-    assert mixed == [str(steps_module.SKILLS)]
-    assert row["steps"]["ppo"]["ptx_data"] == "skills" and row["steps"]["ppo"]["ptx_loss_last"] > 0
-    assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["ptx_data"] == "skills"
+    if ptx_data == "skills":
+        assert mixed == [str(steps_module.SKILLS)]
+    else:
+        assert len(mixed) == 1 and mixed[0] and all("messages" in r for r in mixed[0])
+    assert row["steps"]["ppo"]["ptx_data"] == ptx_data and row["steps"]["ppo"]["ptx_loss_last"] > 0
+    assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["ptx_data"] == ptx_data
 
 
 def test_the_skills_set_is_demonstrations_none_of_them_a_capability_item():
@@ -159,7 +163,7 @@ def test_a_candidate_that_moved_too_far_falls_back_to_ppos_shorter_step(tiny_mod
     monkeypatch.setattr(cycle_module, "evaluate_adapter", gate)
     store = Store(tmp_path / "loopchat.db")
     vote_shorter(store, 16)
-    row = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "steps": 3, "lr": 5e-2, "fallback_kl": 1e-3})
+    row = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "steps": 3, "lr": 5e-2, "fallback_kl": 1e-3, "ptx_coef": 0})
     assert len(calls) == judged and row["steps"]["ppo"]["fallback_step"] is not None
     if failing == "reward_gain":
         assert row["state"] == "rejected" and row["error"] == "gate failed: reward_gain"

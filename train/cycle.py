@@ -70,11 +70,16 @@ class CycleConfig:
     # 4 answers to each of 2 prompts a step, scored against each other, at lr 3e-4: against a frozen reward
     # model one answer per prompt learned nothing at 5e-5 and went past PPO's KL stop at 3e-4 (bench/RESULTS.md,
     # "PPO with 4 answers to each prompt").
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4))
-    # What PPO-ptx (`ppo.ptx_coef` > 0) mixes into PPO's updates: `demonstrations`, the cycle's own (what users
-    # wrote and chose); `skills`, the shipped general-skills set (train/data/skills.jsonl: facts, arithmetic,
-    # short instructions, none of them the gate's capability items); or the path of a JSONL of demonstrations.
-    ptx_data: str = "demonstrations"
+    # PPO-ptx at 0.5 on the shipped skills set (`ptx_data`): from the same serving version and feedback, a cycle
+    # without it lost 12 of v1's 38 capability items and was rejected; with it the candidate kept all 38 and
+    # most of the reward gain (bench/RESULTS.md, "PPO-ptx on a shipped skills set").
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4,
+                                                             ptx_coef=0.5))
+    # What PPO-ptx (`ppo.ptx_coef` > 0) mixes into PPO's updates: `skills`, the shipped general-skills set
+    # (train/data/skills.jsonl: facts, arithmetic, short instructions, none of them the gate's capability
+    # items); `demonstrations`, the cycle's own (what users wrote and chose: run Q, at 0.5 they held PPO's
+    # reward gain at zero and protected nothing); or the path of a JSONL of demonstrations.
+    ptx_data: str = "skills"
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
