@@ -71,7 +71,7 @@ class CycleConfig:
     # model one answer per prompt learned nothing at 5e-5 and went past PPO's KL stop at 3e-4 (bench/RESULTS.md,
     # "PPO with 4 answers to each prompt").
     # PPO-ptx at 0.5 on the shipped skills set (`ptx_data`): from the same serving version and feedback, a cycle
-    # without it answered 26 of the 42 capability items (the serving version 38) and was rejected; with it the
+    # without it answered 26-28 of the 42 capability items (the serving version 38) and was rejected; with it the
     # candidate answered 38 (4 lost, 4 gained) and kept most of the reward gain (bench/RESULTS.md, "PPO-ptx on
     # a shipped skills set").
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4,
