@@ -8,6 +8,7 @@ import torch
 
 import hardware
 from train import common
+from train import ppo as ppo_module
 from train.ppo import (Clock, PPOConfig, ValueHead, base_answers, demonstration_batches, generate, load_policy, lora_state, rollout,
                        train_ppo, update)
 from train.sft import batches, lm_loss, make_examples
@@ -74,7 +75,7 @@ def test_train_ppo_mixes_demonstrations_and_logs_the_ptx_loss(tiny_model_dir, tm
     assert json.loads((tmp_path / "train_config.json").read_text())["ptx_coef"] == 0.5
 
 
-def test_base_answers_are_the_base_models_own_whatever_the_adapter_and_only_those_it_ends(real_model_dir):  # noqa: F811
+def test_base_answers_are_the_base_models_own_whatever_the_adapter_and_only_those_it_ends(real_model_dir, monkeypatch):  # noqa: F811
     questions = ["What is the capital of Italy?", "What is 2 + 2?", "Write a long story about a dragon."]
     conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": "A written answer."}] for q in questions]
     cfg = PPOConfig()
@@ -90,11 +91,18 @@ def test_base_answers_are_the_base_models_own_whatever_the_adapter_and_only_thos
         base = generate(model, tok, prompts, 48, 0.0)
     assert policy["texts"] != base["texts"]
 
+    ppo_module._BASE_ANSWERS.clear()
     answered = base_answers(model, tok, conversations, 48, batch_size=2)
     ended = [i for i, e in enumerate(base["ended"].tolist()) if e]
     assert ended and len(ended) < len(questions)  # the story does not end within 48 tokens: left out
     assert [c[0]["content"] for c in answered] == [questions[i] for i in ended]
     assert [c[1]["content"] for c in answered] == [base["texts"][i].strip() for i in ended]
+
+    def no_generating(*args, **kwargs):
+        raise AssertionError("generated again")
+
+    monkeypatch.setattr(ppo_module, "generate", no_generating)  # the same prompts again: from the cache
+    assert base_answers(model, tok, [[c[0], {"role": "assistant", "content": "Another."}] for c in conversations], 48) == answered
 
 
 def test_train_ppo_with_base_answers_says_how_many_it_mixed_in(real_model_dir, tmp_path):  # noqa: F811
@@ -107,3 +115,10 @@ def test_train_ppo_with_base_answers_says_how_many_it_mixed_in(real_model_dir, t
     assert json.loads((tmp_path / "train_config.json").read_text())["ptx_answers"] == "base"
     with pytest.raises(ValueError, match="ptx_answers"):
         PPOConfig(ptx_answers="serving")
+
+
+def test_train_ppo_runs_without_ptx_when_the_base_model_ends_none_of_its_answers(tiny_model_dir, tmp_path):  # noqa: F811
+    cfg = PPOConfig(steps=1, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=4, ptx_coef=0.5, ptx_answers="base",
+                    ptx_max_new_tokens=1)
+    metrics = train_ppo(tiny_model_dir, [p[0]["content"] for p in PROMPTS], tmp_path, rule_reward, cfg, demonstrations=DEMOS, quiet=True)
+    assert metrics["ptx_examples"] == 0 and metrics["ptx_loss_last"] is None and metrics["steps"] == 1

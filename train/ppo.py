@@ -53,6 +53,7 @@ distribution by ~0.04 nats per token, and on the real model it learned less in 2
 
 from __future__ import annotations
 
+import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -441,11 +442,23 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     }
 
 
+# The base model's greedy answers, by (model, dtype, max_new_tokens, prompts): they never change for those,
+# and a worker runs its cycles in one process, so each is generated once (~50 s for the skills set).
+_BASE_ANSWERS: dict[str, list[list[dict]]] = {}
+
+
 @torch.no_grad()
 def base_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[list[dict]]:
     """Each conversation's prompt (all but its last answer) answered greedily by the base model, every
     adapter off. Answers the base model does not end within `max_new_tokens` are left out: cut short,
     they would teach stopping mid-sentence."""
+    key = json.dumps([model.get_base_model().name_or_path, str(model.dtype), max_new_tokens, [c[:-1] for c in conversations]])
+    if key not in _BASE_ANSWERS:
+        _BASE_ANSWERS[key] = _answer_with_base(model, tokenizer, conversations, max_new_tokens, batch_size)
+    return _BASE_ANSWERS[key]
+
+
+def _answer_with_base(model, tokenizer, conversations, max_new_tokens: int, batch_size: int) -> list[list[dict]]:
     out = []
     for i in range(0, len(conversations), batch_size):
         prompts = [c[:-1] for c in conversations[i : i + batch_size]]
@@ -593,7 +606,8 @@ def train_ppo(
         conversations = data.read_sft(demonstrations)
         if cfg.ptx_answers == "base":
             conversations = base_answers(model, tokenizer, conversations, cfg.ptx_max_new_tokens)
-        demos, ptx_examples = demonstration_batches(tokenizer, conversations, cfg, device), len(conversations)
+        ptx_examples = len(conversations)  # 0: the base model ended none of its answers, and PPO runs without ptx
+        demos = demonstration_batches(tokenizer, conversations, cfg, device) if conversations else None
     value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)
     value_head_from = value_head_from or getattr(reward_fn, "path", None)
     # Scores against their group's mean are 0 on average whatever the prompt: the value head starts at 0.
