@@ -134,9 +134,7 @@ def test_ptx_data_says_what_ppo_mixes_in(tiny_model_dir, tmp_path, monkeypatch, 
         assert mixed == [str(steps_module.SKILLS)]
     else:
         assert len(mixed) == 1 and mixed[0] and all("messages" in r for r in mixed[0])
-    ppo = row["steps"]["ppo"]
-    assert ppo["ptx_data"] == ptx_data and ppo["ptx_loss_last"] > 0
-    assert ppo["ptx_answers"] == "given" and ppo["ptx_examples"] == len(read_sft(mixed[0]))
+    assert row["steps"]["ppo"]["ptx_data"] == ptx_data and row["steps"]["ppo"]["ptx_loss_last"] > 0
     assert artifacts.load_manifest(tmp_path / "adapters" / "v1")["hyperparameters"]["ptx_data"] == ptx_data
 
 

@@ -1,5 +1,4 @@
-"""PPO-ptx: an SFT loss on demonstrations mixed into each PPO update with weight `ptx_coef`, with the
-demonstrations' own answers or the base model's (`ptx_answers`)."""
+"""PPO-ptx: an SFT loss on demonstrations mixed into each PPO update with weight `ptx_coef`."""
 
 import json
 
@@ -8,9 +7,7 @@ import torch
 
 import hardware
 from train import common
-from train import ppo as ppo_module
-from train.ppo import (Clock, PPOConfig, ValueHead, base_answers, demonstration_batches, generate, load_policy, lora_state, rollout,
-                       train_ppo, update)
+from train.ppo import Clock, PPOConfig, ValueHead, demonstration_batches, load_policy, lora_state, rollout, train_ppo, update
 from train.sft import batches, lm_loss, make_examples
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -52,7 +49,7 @@ def run_update(setup, ptx_coef, with_demos):
     cfg, model, tok, batch, fresh, demo_loss = setup
     cfg = PPOConfig(**{**cfg.__dict__, "ptx_coef": ptx_coef})
     head, opt, params = fresh()
-    demos = demonstration_batches(tok, [d["messages"] for d in DEMOS], cfg, torch.device("cpu")) if with_demos else None
+    demos = demonstration_batches(tok, DEMOS, cfg, torch.device("cpu")) if with_demos else None
     stats = update(model, head, opt, params, batch, cfg, torch.Generator().manual_seed(0), demos)
     return stats, lora_state(model), demo_loss()
 
@@ -73,52 +70,3 @@ def test_train_ppo_mixes_demonstrations_and_logs_the_ptx_loss(tiny_model_dir, tm
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(line["ptx_loss"] > 0 for line in lines) and metrics["ptx_loss_last"] == lines[-1]["ptx_loss"]
     assert json.loads((tmp_path / "train_config.json").read_text())["ptx_coef"] == 0.5
-
-
-def test_base_answers_are_the_base_models_own_whatever_the_adapter_and_only_those_it_ends(real_model_dir, monkeypatch):  # noqa: F811
-    questions = ["What is the capital of Italy?", "What is 2 + 2?", "Write a long story about a dragon."]
-    conversations = [[{"role": "user", "content": q}, {"role": "assistant", "content": "A written answer."}] for q in questions]
-    cfg = PPOConfig()
-    model = load_policy(real_model_dir, cfg, device=torch.device("cpu"), dtype=hardware.choose("float32").torch_dtype)
-    tok = common.load_tokenizer(real_model_dir)
-    with torch.no_grad():  # an adapter that answers differently from the base model
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(0))
-    prompts = [c[:1] for c in conversations]
-    policy = generate(model, tok, prompts, 48, 0.0)
-    with model.disable_adapter():
-        base = generate(model, tok, prompts, 48, 0.0)
-    assert policy["texts"] != base["texts"]
-
-    ppo_module._BASE_ANSWERS.clear()
-    answered = base_answers(model, tok, conversations, 48, batch_size=2)
-    ended = [i for i, e in enumerate(base["ended"].tolist()) if e]
-    assert ended and len(ended) < len(questions)  # the story does not end within 48 tokens: left out
-    assert [c[0]["content"] for c in answered] == [questions[i] for i in ended]
-    assert [c[1]["content"] for c in answered] == [base["texts"][i].strip() for i in ended]
-
-    def no_generating(*args, **kwargs):
-        raise AssertionError("generated again")
-
-    monkeypatch.setattr(ppo_module, "generate", no_generating)  # the same prompts again: from the cache
-    assert base_answers(model, tok, [[c[0], {"role": "assistant", "content": "Another."}] for c in conversations], 48) == answered
-
-
-def test_train_ppo_with_base_answers_says_how_many_it_mixed_in(real_model_dir, tmp_path):  # noqa: F811
-    cfg = PPOConfig(steps=1, batch_size=2, minibatches=1, ppo_epochs=1, max_new_tokens=4, ptx_coef=0.5, ptx_answers="base",
-                    ptx_max_new_tokens=32)
-    questions = ["What is the capital of Italy?", "Write a long story about a dragon."]
-    demos = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "A written answer."}]} for q in questions]
-    metrics = train_ppo(real_model_dir, questions, tmp_path, rule_reward, cfg, demonstrations=demos, quiet=True)
-    assert metrics["ptx_examples"] == 1 and metrics["ptx_loss_last"] > 0
-    assert json.loads((tmp_path / "train_config.json").read_text())["ptx_answers"] == "base"
-    with pytest.raises(ValueError, match="ptx_answers"):
-        PPOConfig(ptx_answers="serving")
-
-
-def test_train_ppo_runs_without_ptx_when_the_base_model_ends_none_of_its_answers(tiny_model_dir, tmp_path):  # noqa: F811
-    cfg = PPOConfig(steps=1, batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=4, ptx_coef=0.5, ptx_answers="base",
-                    ptx_max_new_tokens=1)
-    metrics = train_ppo(tiny_model_dir, [p[0]["content"] for p in PROMPTS], tmp_path, rule_reward, cfg, demonstrations=DEMOS, quiet=True)
-    assert metrics["ptx_examples"] == 0 and metrics["ptx_loss_last"] is None and metrics["steps"] == 1

@@ -13,9 +13,7 @@ One step:
      GAE with gamma=1, lambda=0.95; advantages whitened over the batch;
   5. `ppo_epochs` passes over `minibatches` minibatches of the clipped policy loss plus the
      clipped value loss, plus, with `ptx_coef` > 0, `ptx_coef` times the SFT loss on a batch of
-     demonstrations (InstructGPT's PPO-ptx: it keeps what SFT taught while PPO chases the reward);
-     with `ptx_answers: base` the demonstrations' prompts are answered by the base model itself once,
-     before the first step, and those answers are what is trained on (base_answers).
+     demonstrations (InstructGPT's PPO-ptx: it keeps what SFT taught while PPO chases the reward).
 
 The reference: by default the base model (the adapter switched off). A cycle that continues from
 the serving adapter passes that adapter as `reference_adapter`: PPO's KL is then the KL to the policy
@@ -53,7 +51,6 @@ distribution by ~0.04 nats per token, and on the real model it learned less in 2
 
 from __future__ import annotations
 
-import json
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -68,7 +65,6 @@ from train.sft import batches, lm_loss, lora_config, make_examples
 
 RewardFn = Callable[[list[list[dict]], list[str]], torch.Tensor]
 VALUE_HEAD_FILE = "value_head.safetensors"
-PTX_ANSWERS = ("given", "base")
 FALLBACK = "fallback"  # the subfolder of PPO's output with its fallback policy (PPOConfig.fallback_kl)
 POLICY, REFERENCE = "default", "reference"  # peft adapter names: the trained one, the frozen one KL is measured to
 
@@ -109,11 +105,6 @@ class PPOConfig:
     # `demonstrations`), and how many demonstrations each minibatch gets.
     ptx_coef: float = 0.0
     ptx_batch_size: int = 4
-    # Whose answers the demonstrations carry: `given`, as written; `base`, their prompts answered greedily by the
-    # base model itself (those it ends within `ptx_max_new_tokens`), so that ptx holds the policy to what the base
-    # model already does on them and teaches no style of its own (the set's answers have one).
-    ptx_answers: str = "given"
-    ptx_max_new_tokens: int = 96
     max_demo_len: int = 512  # tokens per demonstration; longer ones are cut at the end
     lora_r: int = 16
     lora_alpha: int = 32
@@ -129,8 +120,6 @@ class PPOConfig:
             raise ValueError(f"PPO samples its rollouts: temperature must be positive, not {self.temperature!r}")
         if self.fallback_kl is not None and not self.fallback_kl > 0:
             raise ValueError(f"fallback_kl must be positive or None, not {self.fallback_kl!r}")
-        if self.ptx_answers not in PTX_ANSWERS:
-            raise ValueError(f"ptx_answers must be one of {', '.join(PTX_ANSWERS)}, not {self.ptx_answers!r}")
 
 
 # ---------------------------------------------------------------- the maths, on plain tensors
@@ -442,37 +431,10 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     }
 
 
-# The base model's greedy answers, by (model, dtype, max_new_tokens, prompts): they never change for those,
-# and a worker runs its cycles in one process, so each is generated once (~50 s for the skills set).
-_BASE_ANSWERS: dict[str, list[list[dict]]] = {}
-
-
-@torch.no_grad()
-def base_answers(model, tokenizer, conversations: list[list[dict]], max_new_tokens: int, batch_size: int = 16) -> list[list[dict]]:
-    """Each conversation's prompt (all but its last answer) answered greedily by the base model, every
-    adapter off. Answers the base model does not end within `max_new_tokens` are left out: cut short,
-    they would teach stopping mid-sentence."""
-    key = json.dumps([model.get_base_model().name_or_path, str(model.dtype), max_new_tokens, [c[:-1] for c in conversations]])
-    if key not in _BASE_ANSWERS:
-        _BASE_ANSWERS[key] = _answer_with_base(model, tokenizer, conversations, max_new_tokens, batch_size)
-    return _BASE_ANSWERS[key]
-
-
-def _answer_with_base(model, tokenizer, conversations, max_new_tokens: int, batch_size: int) -> list[list[dict]]:
-    out = []
-    for i in range(0, len(conversations), batch_size):
-        prompts = [c[:-1] for c in conversations[i : i + batch_size]]
-        with model.disable_adapter():
-            batch = generate(model, tokenizer, prompts, max_new_tokens, 0.0)
-        out += [p + [{"role": "assistant", "content": text.strip()}]
-                for p, text, ended in zip(prompts, batch["texts"], batch["ended"].tolist()) if ended and text.strip()]
-    return out
-
-
-def demonstration_batches(tokenizer, conversations: list[list[dict]], cfg: PPOConfig, device):
+def demonstration_batches(tokenizer, records, cfg: PPOConfig, device):
     """Endless (ids, labels, attention mask) batches of `ptx_batch_size` demonstrations, reshuffled
     each pass with their own generator (PPO's prompt and minibatch order stay what they are without them)."""
-    examples = make_examples(tokenizer, conversations, cfg.max_demo_len)
+    examples = make_examples(tokenizer, data.read_sft(records), cfg.max_demo_len)
     if not examples:
         raise data.DataError("no demonstrations to mix into PPO (ptx_coef > 0)")
     generator = torch.Generator().manual_seed(cfg.seed + 1)
@@ -583,8 +545,7 @@ def train_ppo(
     against (the serving version's, the policy being replaced); None = the base model. The KL to the
     base model is reported as `kl_base*` either way.
     `demonstrations`: SFT records ({"messages": [...]}, a JSONL path or rows) for PPO-ptx, mixed in
-    when `cfg.ptx_coef` > 0 (none given, or an empty list: plain PPO), with their own answers or the
-    base model's (`cfg.ptx_answers`).
+    when `cfg.ptx_coef` > 0 (none given, or an empty list: plain PPO).
     Returns metrics (first/last step figures, stop reason, what the time budget chose:
     `planned_steps`, `measured_s_per_step`); per-step lines in metrics.jsonl, with the seconds
     each phase took (`seconds_generate`, `seconds_score`, `seconds_reference`,
@@ -600,14 +561,8 @@ def train_ppo(
     if not all_prompts:
         raise data.DataError("no prompts to train on")
     device, dtype, tokenizer = common.setup(model_dir, cfg)
+    demos = demonstration_batches(tokenizer, demonstrations, cfg, device) if demonstrations and cfg.ptx_coef > 0 else None
     model = load_policy(model_dir, cfg, device=device, dtype=dtype, init_adapter=init_adapter, reference_adapter=reference_adapter)
-    demos, ptx_examples = None, None
-    if demonstrations and cfg.ptx_coef > 0:
-        conversations = data.read_sft(demonstrations)
-        if cfg.ptx_answers == "base":
-            conversations = base_answers(model, tokenizer, conversations, cfg.ptx_max_new_tokens)
-        ptx_examples = len(conversations)  # 0: the base model ended none of its answers, and PPO runs without ptx
-        demos = demonstration_batches(tokenizer, conversations, cfg, device) if conversations else None
     value_head = ValueHead(model.get_base_model().config.hidden_size).to(device)
     value_head_from = value_head_from or getattr(reward_fn, "path", None)
     # Scores against their group's mean are 0 on average whatever the prompt: the value head starts at 0.
@@ -687,7 +642,6 @@ def train_ppo(
         "kl_base_last": last.get("kl_base"),
         "reference": str(reference_adapter) if reference_adapter is not None else "base",
         "ptx_loss_last": last.get("ptx_loss"),
-        "ptx_examples": ptx_examples,
         # the fallback policy: the one that rolled out step `fallback_step` (after fallback_step - 1 updates)
         "fallback_step": fallback and fallback[0],
         "fallback_kl": fallback and fallback[1],

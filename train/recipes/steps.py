@@ -114,9 +114,8 @@ def ppo(run: Run) -> tuple[dict, dict]:
     run.policy = out
     run.fallback = out / FALLBACK if metrics["fallback_step"] else None
     run.metrics["ppo"] = metrics
-    keys = ("steps", "stop", "score_first", "score_last", "kl_last", "kl_base_last", "ptx_loss_last", "ptx_examples",
-            "fallback_step", "fallback_kl")
+    keys = ("steps", "stop", "score_first", "score_last", "kl_last", "kl_base_last", "ptx_loss_last", "fallback_step",
+            "fallback_kl")
     reference = run.serving["version"] if run.reference is not None else "base"
-    ptx = run.cfg.ppo.ptx_coef > 0
-    return {**{k: metrics.get(k) for k in keys}, "reference": reference, "ptx_data": run.cfg.ptx_data if ptx else None,
-            "ptx_answers": run.cfg.ppo.ptx_answers if ptx else None, **chosen(metrics)}, {}
+    ptx = run.cfg.ptx_data if run.cfg.ppo.ptx_coef > 0 else None
+    return {**{k: metrics.get(k) for k in keys}, "reference": reference, "ptx_data": ptx, **chosen(metrics)}, {}
