@@ -70,12 +70,10 @@ class CycleConfig:
     # 4 answers to each of 2 prompts a step, scored against each other, at lr 3e-4: against a frozen reward
     # model one answer per prompt learned nothing at 5e-5 and went past PPO's KL stop at 3e-4 (bench/RESULTS.md,
     # "PPO with 4 answers to each prompt").
-    # PPO-ptx at 0.2 on the shipped skills set (`ptx_data`), against the alignment tax that stopped runs P-V after
-    # their first promotion: with it run X (plain_words) promoted two cycles in a row (0.52 -> 0.75 -> 0.80), which
-    # no earlier plain_words run had done; at 0.5 the first cycle from the base model spent PPO's KL bound on the
-    # skills set and was rejected (bench/RESULTS.md, "PPO-ptx on a shipped skills set", runs W, X).
-    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4,
-                                                             ptx_coef=0.2))
+    # PPO-ptx (`ppo.ptx_coef`) is off: on plain_words it let the loop promote two cycles in a row, on second_person
+    # it held the policy to the skills set's short plain answers and the taste was not learned (bench/RESULTS.md,
+    # runs X, Y, N): a style the users did not ask for.
+    ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4))
     # What PPO-ptx (`ppo.ptx_coef` > 0) mixes into PPO's updates: `skills`, the shipped general-skills set
     # (train/data/skills.jsonl: facts, arithmetic, short instructions, none of them the gate's capability
     # items); `demonstrations`, the cycle's own (what users wrote and chose: run Q, at 0.5 they held PPO's
