@@ -117,8 +117,8 @@ def test_bon_recipe_runs_best_of_n_on_the_reward_model_then_ppo_from_it(tiny_mod
 
 @pytest.mark.parametrize("ptx_data", ["skills", "demonstrations"])
 def test_ptx_data_says_what_ppo_mixes_in(tiny_model_dir, tmp_path, monkeypatch, ptx_data):  # noqa: F811
-    """With `ppo.ptx_coef` > 0, `ptx_data: skills` (the default): PPO-ptx mixes the shipped general-skills set into PPO's updates;
-    `demonstrations`: the cycle's own. The cycle row and the manifest say which."""
+    """With `ppo.ptx_coef` > 0, `ptx_data: skills` (the default) mixes the shipped general-skills set into PPO's
+    updates; `demonstrations`, the cycle's own. The cycle row and the manifest say which."""
     mixed, real_ppo = [], steps_module.train_ppo
 
     def ppo(*args, demonstrations=None, **kw):
