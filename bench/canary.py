@@ -22,7 +22,6 @@ import argparse
 import json
 import random
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import hardware  # noqa: E402
+from bench.serving import stop_servers_on_sigterm  # noqa: E402
 from loopchat import preferences  # noqa: E402
 from loopchat.simulate import DEFAULT_PROMPTS, Gateway, load_prompts, prompt_text, split_prompts  # noqa: E402
 from loopchat.simulate_canary import CanarySettings, drive, summary  # noqa: E402
@@ -151,7 +151,7 @@ def main() -> None:
     ap.add_argument("--eval-prompts", type=int, default=32)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds to wait for each decision")
     args = ap.parse_args()
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))  # so the gateway is stopped on the way out
+    stop_servers_on_sigterm()
     machine = hardware.describe()
     print("machine:", json.dumps(machine), flush=True)
 

@@ -23,7 +23,7 @@ import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-from bench.serving import _ready, free_port  # noqa: E402
+from bench.serving import _ready, free_port, stop_servers_on_sigterm  # noqa: E402
 from loop_fixtures import random_adapter  # noqa: E402  (the same random LoRA the hot-swap tests use)
 
 import hardware  # noqa: E402
@@ -85,6 +85,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--dtype", default="auto", choices=hardware.DTYPES)
     args = ap.parse_args()
+    stop_servers_on_sigterm()
     print("machine:", json.dumps(hardware.describe()), f"serving dtype: {hardware.choose(args.dtype).dtype}",
           flush=True)
 

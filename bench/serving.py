@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
@@ -30,6 +31,13 @@ import hardware  # noqa: E402
 PROMPTS = ["Write a short story about a lighthouse keeper.", "Explain how rain forms.",
            "Describe your ideal weekend in detail.", "List some tips for learning to cook.",
            "Tell me about the history of bicycles.", "What makes a good friend? Explain."]
+
+
+def stop_servers_on_sigterm() -> None:
+    """A time limit's SIGTERM (timeout(1), bench/gpu_check.sh) then runs the `finally` that stops the gateway.
+    Killed outright, the gateway's vLLM lives on in its own process session, and on a GPU it keeps the memory
+    the next vLLM server needs."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit("terminated"))
 
 
 def free_port() -> int:
@@ -79,6 +87,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--dtype", default="auto", choices=hardware.DTYPES)
     args = ap.parse_args()
+    stop_servers_on_sigterm()
     print("machine:", json.dumps(hardware.describe()), f"serving dtype: {hardware.choose(args.dtype).dtype}",
           flush=True)
 

@@ -26,7 +26,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 import hardware  # noqa: E402
-from bench.serving import _ready, free_port  # noqa: E402
+from bench.serving import _ready, free_port, stop_servers_on_sigterm  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Write a long story about a lighthouse keeper and the sea."}]
 
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--model", default=str(ROOT / ".cache/models/SmolLM2-135M-Instruct"))
     ap.add_argument("--json", type=Path, help="also write the rows here")
     args = ap.parse_args()
+    stop_servers_on_sigterm()
 
     machine = hardware.describe()
     print("machine:", json.dumps(machine), flush=True)
