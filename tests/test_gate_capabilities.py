@@ -7,9 +7,11 @@ Fast tests on a tiny random Llama with a small capability set written here; the 
 real 135M model, the shipped set and an adapter trained in the test to answer everything with one word."""
 
 import json
+import shutil
 
 import pytest
 
+from train import evaluate
 from train.evaluate import CAPABILITIES, GateConfig, evaluate_adapter, passes, read_capabilities
 from train.sft import SFTConfig, train_sft
 from train_fixtures import real_model_dir, tiny_model_dir  # noqa: F401  (fixtures)
@@ -21,8 +23,9 @@ ITEMS = [
     {"prompt": "Name the white sky thing.", "reference": "cloud", "contains_any": ["cloud"]},
 ]
 ONE_WORD = "Okay"
-# Only the capability checks and the KL checks: no canaries, no reward model.
-FAST = dict(max_new_tokens=4, canaries=(), capability_max_new_tokens=4, batch_size=4)
+# Only the capability checks and the KL checks: no canaries, no reward model. Nearly greedy: over its 49k-token
+# vocabulary the tiny model's trained answer is the likeliest token but far from a likely one.
+FAST = dict(max_new_tokens=4, canaries=(), capability_max_new_tokens=4, batch_size=4, temperature=0.01)
 
 
 def demos(answer=None, repeat=8):
@@ -80,8 +83,8 @@ def test_a_candidate_that_kept_them_passes(tiny_model_dir, adapters, capability_
     verdict = gate(tiny_model_dir, adapters, capability_file, "kept")
     checks = verdict["checks"]
     assert checks["capability_pass"]["passed"] and checks["capability_loglik"]["passed"], checks
-    assert checks["capability_pass"]["value"] == verdict["figures"]["capability_pass_baseline"]
-    assert verdict["capability_lost"] == []
+    # what the serving version answers every time is kept (an item it answers half the time may come and go)
+    assert all(x["baseline_pass_rate"] < 1 for x in verdict["capability_lost"]), verdict["capability_lost"]
     # the threshold is the baseline's figure less the allowed drop and one standard error of the paired difference
     loglik = checks["capability_loglik"]
     se = verdict["figures"]["capability_loglik_se"]
@@ -90,6 +93,34 @@ def test_a_candidate_that_kept_them_passes(tiny_model_dir, adapters, capability_
     base = checks["capability_loglik_base"]
     assert base["passed"] and base["threshold"] < verdict["figures"]["capability_loglik_base_model"]
     assert verdict["figures"]["capability_loglik_base_model"] < loglik["threshold"]
+
+
+def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sampled_again(
+        tiny_model_dir, adapters, capability_file, monkeypatch):  # noqa: F811
+    """A version judged as the candidate keeps its figures, under its weights' digest, for the cycle that
+    judges the next candidate against it; sampled again they are the same."""
+    samples = []
+    real = evaluate._samples
+    monkeypatch.setattr(evaluate, "_samples", lambda *a, **k: samples.append(len(a[2])) or real(*a, **k))
+    evaluate._PASS_RATES.clear()
+    first = gate(tiny_model_dir, adapters, capability_file, "one_word", capability_samples=3)
+    # candidate, baseline and base model, 3 answers an item; then the candidate's held-out answers (no reward model)
+    assert sum(samples) == 3 * 3 * len(ITEMS) + len(ITEMS)
+    for x in first["capability_lost"]:
+        assert x["pass_rate"] in (0, 1 / 3) and x["baseline_pass_rate"] - x["pass_rate"] >= evaluate.LOST_BY
+    samples.clear()
+    # one_word now serves; a candidate with the same weights in another folder is judged against it
+    copy = adapters.parent / "one_word_copy"
+    if not copy.exists():
+        shutil.copytree(adapters / "one_word", copy)
+    second = evaluate_adapter(tiny_model_dir, copy, prompts=[it["prompt"] for it in ITEMS], baseline_adapter=adapters / "one_word",
+                              cfg=GateConfig(**{**FAST, "capabilities": str(capability_file), "capability_samples": 3}))
+    assert sum(samples) == len(ITEMS)  # held-out answers only: all three's capability answers came from the first gate
+    assert second["figures"]["capability_pass_baseline"] == first["checks"]["capability_pass"]["value"]
+    assert second["figures"]["capability_pass_base_model"] is not None
+    evaluate._PASS_RATES.clear()
+    again = gate(tiny_model_dir, adapters, capability_file, "one_word", capability_samples=3)
+    assert again["checks"]["capability_pass"] == first["checks"]["capability_pass"]
 
 
 def test_kl_is_judged_against_the_policy_replaced_and_the_base_against_a_wider_bound(tiny_model_dir, adapters,  # noqa: F811
@@ -140,7 +171,7 @@ def test_real_model_one_word_adapter_is_rejected_and_an_ordinary_one_passes(real
 
     rejected = evaluate_adapter(real_model_dir, tmp_path / "yes", prompts=prompts, cfg=gate_cfg)
     checks, figures = rejected["checks"], rejected["figures"]
-    assert figures["capability_pass_baseline"] >= 0.8 and not rejected["passed"]
+    assert figures["capability_pass_baseline"] >= 0.6 and not rejected["passed"]  # sampled: 0.69 with 8 answers an item
     assert checks["capability_pass"]["passed"] is False and checks["capability_loglik"]["passed"] is False, checks
     assert sum(x["answer"].strip() == "Yes." for x in rejected["capability_lost"]) >= 10
 

@@ -27,12 +27,15 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
                the alignment tax: on a fixed set of facts, arithmetic and short instructions
                (`capabilities`, train/data/capabilities.jsonl: a prompt, a reference answer and
                strings a right answer contains), (a) the mean per-token log-likelihood of the
-               reference answers (one forward pass per item) and (b) the share of greedy answers
-               that contain one of their strings, for the candidate and the baseline. Each is
-               paired item by item, and the candidate fails when it is below the baseline by more
-               than `max_loglik_drop` (nats per token) or `max_pass_drop` (share) plus
-               `capability_tolerance_se` standard errors of the paired difference: measurably
-               worse, not a greedy near-tie flipping one item;
+               reference answers (one forward pass per item) and (b) each item's pass rate, the
+               share of `capability_samples` answers sampled at the gate's temperature that contain
+               one of its strings, for the candidate and the baseline. Each is paired item by item,
+               and the candidate fails when it is below the baseline by more than `max_loglik_drop`
+               (nats per token) or `max_pass_drop` (share) plus `capability_tolerance_se` standard
+               errors of the paired difference: measurably worse, not a near-tie flipping one item.
+               Sampled, not greedy: the shipped items are ones the base model answers greedily, and
+               13 of the 42 it answers right under half the time when it samples (bench/RESULTS.md),
+               so against a greedy 42/42 any change of the model counts as a loss;
   capability_loglik_base, capability_pass_base
                the same two against the base model, when an adapter serves: each cycle's loss
                against the version it replaces may be too small to call, but such losses compound
@@ -46,10 +49,11 @@ the capability set are a fixed amount of work done first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -61,6 +65,11 @@ from train.ppo import exact_kl, generate, response_logprobs
 
 CAPABILITIES = Path(__file__).parent / "data" / "capabilities.jsonl"
 CAPABILITY_CHECKS = ("capability_loglik", "capability_pass", "capability_loglik_base", "capability_pass_base")
+# Capability answers are sampled this many to a batch: on 2 cores 168 answers took 32 s at 42 to 168 a batch,
+# 50 s at 16.
+CAPABILITY_BATCH = 48
+# An item is listed as lost (`capability_lost`) when its pass rate fell by this much or more.
+LOST_BY = 0.5
 
 
 @dataclass
@@ -86,7 +95,8 @@ class GateConfig:
     canary_tolerance: float = 0.25
     # The capability set (JSONL: prompt, reference, contains_any); None: no capability checks.
     capabilities: str | None = str(CAPABILITIES)
-    capability_max_new_tokens: int = 32  # greedy; the shipped items name their answer within ~20 tokens
+    capability_max_new_tokens: int = 32  # the shipped items name their answer within ~20 tokens
+    capability_samples: int = 4  # answers sampled per capability item: its pass rate
     max_loglik_drop: float = 0.1  # nats per reference token the candidate may lose against the baseline
     max_pass_drop: float = 0.1  # share of capability items the candidate may stop answering
     capability_tolerance_se: float = 1.0
@@ -198,20 +208,53 @@ def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se:
     return _check(float(new.mean()), threshold, float(new.mean()) >= threshold), se
 
 
-def _capabilities(model, tokenizer, cfg: GateConfig, baseline: str | None) -> tuple[dict, dict, list[dict]]:
-    """(checks, figures, the items the baseline or the base model answered and the candidate does not).
-    With an adapter as the baseline the candidate is also held to the base model (`*_base` checks)."""
+# Pass rates and answers by (model, adapter weights, set-up): a worker's next cycle judges its candidate against the
+# version this cycle promoted, and against the same base model, so only the candidate's are sampled anew.
+_PASS_RATES: dict[tuple, tuple[torch.Tensor, list[list[str]]]] = {}
+
+
+def _weights_digest(adapter_dir: Path | None) -> str | None:
+    if adapter_dir is None:
+        return None
+    digest = hashlib.sha256()
+    for f in sorted(Path(adapter_dir).glob("adapter_model.*")):
+        digest.update(f.read_bytes())
+    return digest.hexdigest()
+
+
+def _pass_rates(model, tokenizer, items, cfg: GateConfig, name: str | None, key: tuple) -> tuple[torch.Tensor, list[list[str]]]:
+    """Each item's share of `capability_samples` answers (sampled with adapter `name` active) that pass,
+    and those answers; kept under `key` (see _PASS_RATES), the last 8."""
+    if key not in _PASS_RATES:
+        k = cfg.capability_samples
+        asked = [[{"role": "user", "content": it["prompt"]}] for it in items for _ in range(k)]
+        texts = _flat(_samples(model, tokenizer, asked, replace(cfg, batch_size=CAPABILITY_BATCH), name,
+                               cfg.capability_max_new_tokens, cfg.seed), "texts")
+        answers = [texts[i * k : (i + 1) * k] for i in range(len(items))]
+        rates = torch.tensor([sum(passes(a, it["contains_any"]) for a in ans) / k for ans, it in zip(answers, items)])
+        _PASS_RATES[key] = (rates, answers)
+        while len(_PASS_RATES) > 8:
+            _PASS_RATES.pop(next(iter(_PASS_RATES)))
+    return _PASS_RATES[key]
+
+
+def _capabilities(model, tokenizer, cfg: GateConfig, model_dir, adapter_dirs: dict) -> tuple[dict, dict, list[dict]]:
+    """(checks, figures, the items whose pass rate fell by LOST_BY or more against the baseline or the base
+    model). `adapter_dirs`: {"candidate": path, baseline: path} (baseline None: the base model). With an
+    adapter as the baseline the candidate is also held to the base model (`*_base` checks)."""
+    baseline = next(name for name in adapter_dirs if name != "candidate")
     names = ("candidate", baseline) + ((None,) if baseline is not None else ())
     items = read_capabilities(cfg.capabilities)
     if not items:
         why = f"no items in {cfg.capabilities}"
         return {k: _skipped(why) for k in CAPABILITY_CHECKS}, {}, []
     loglik = {name: _reference_loglik(model, tokenizer, items, name, cfg.batch_size) for name in names}
-    prompts = [[{"role": "user", "content": it["prompt"]}] for it in items]
-    answers, passed = {}, {}
+    setup = (str(model_dir), json.dumps(items), cfg.capability_samples, cfg.temperature, cfg.capability_max_new_tokens,
+             cfg.seed, cfg.dtype, str(model.device))
+    rates, answers = {}, {}
     for name in names:
-        answers[name] = _flat(_samples(model, tokenizer, prompts, cfg, name, cfg.capability_max_new_tokens, cfg.seed, 0.0), "texts")
-        passed[name] = torch.tensor([float(passes(a, it["contains_any"])) for a, it in zip(answers[name], items)])
+        rates[name], answers[name] = _pass_rates(model, tokenizer, items, cfg, name,
+                                                 (_weights_digest(adapter_dirs.get(name)), *setup))
     checks, figures = {}, {"capability_items": len(items)}
     comparisons = [("", baseline)]
     if baseline is None:
@@ -222,14 +265,20 @@ def _capabilities(model, tokenizer, cfg: GateConfig, baseline: str | None) -> tu
         checks[f"capability_loglik{suffix}"], figures[f"capability_loglik{suffix}_se"] = _paired(
             loglik["candidate"], loglik[against], cfg.max_loglik_drop, cfg.capability_tolerance_se)
         checks[f"capability_pass{suffix}"], figures[f"capability_pass{suffix}_se"] = _paired(
-            passed["candidate"], passed[against], cfg.max_pass_drop, cfg.capability_tolerance_se)
-    figures.update(capability_loglik_baseline=float(loglik[baseline].mean()), capability_pass_baseline=float(passed[baseline].mean()),
-                   capability_loglik_base_model=float(loglik[None].mean()), capability_pass_base_model=float(passed[None].mean()))
+            rates["candidate"], rates[against], cfg.max_pass_drop, cfg.capability_tolerance_se)
+    figures.update(capability_loglik_baseline=float(loglik[baseline].mean()), capability_pass_baseline=float(rates[baseline].mean()),
+                   capability_loglik_base_model=float(loglik[None].mean()), capability_pass_base_model=float(rates[None].mean()))
+
+    def shown(name, i, passing):  # one of the answers: the first that passes (or fails), else the first
+        return next((a for a in answers[name][i] if passes(a, items[i]["contains_any"]) == passing), answers[name][i][0])
+
     lost = []
     for i, it in enumerate(items):
-        if passed["candidate"][i] < max(passed[name][i] for name in names[1:]):
-            lost.append({"prompt": it["prompt"], "answer": answers["candidate"][i], "baseline_answer": answers[baseline][i],
-                         "base_model_answer": answers[None][i]})
+        if rates["candidate"][i] <= max(rates[name][i] for name in names[1:]) - LOST_BY:
+            lost.append({"prompt": it["prompt"], "pass_rate": float(rates["candidate"][i]),
+                         "baseline_pass_rate": float(rates[baseline][i]), "base_model_pass_rate": float(rates[None][i]),
+                         "answer": shown("candidate", i, False), "baseline_answer": shown(baseline, i, True),
+                         "base_model_answer": shown(None, i, True)})
     return checks, figures, lost
 
 
@@ -268,7 +317,8 @@ def evaluate_adapter(
     stand in for the KL checks. `baseline_adapter`: the serving adapter, the policy the candidate
     replaces (None = the base model): what reward_gain, kl, canaries and the capabilities compare
     against. `heldout_pairs`: pairs to measure the RM's accuracy on, instead of the figure it recorded.
-    `capability_lost`: the capability items the baseline answered and the candidate does not."""
+    `capability_lost`: the capability items the candidate answers right far less often than the baseline
+    or the base model (by LOST_BY of its sampled answers or more)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
@@ -315,7 +365,8 @@ def evaluate_adapter(
 
     capability_lost = []
     if cfg.capabilities:
-        capability_checks, capability_figures, capability_lost = _capabilities(model, tokenizer, cfg, baseline_name)
+        capability_checks, capability_figures, capability_lost = _capabilities(
+            model, tokenizer, cfg, model_dir, {"candidate": adapter_dir, baseline_name: baseline_adapter})
         checks.update(capability_checks)
         figures.update(capability_figures)
     else:

@@ -213,7 +213,8 @@ def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_
         for k, v in verdict["figures"].items():
             click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
         for lost in verdict["capability_lost"]:
-            click.echo(f"lost: {lost['prompt']!r} -> {lost['answer']!r} (baseline: {lost['baseline_answer']!r})")
+            click.echo(f"lost: {lost['prompt']!r} -> {lost['answer']!r}: right in {lost['pass_rate']:.0%} of answers "
+                       f"(baseline {lost['baseline_pass_rate']:.0%}: {lost['baseline_answer']!r})")
         click.echo("gate: " + ("PASSED" if verdict["passed"] else "FAILED"))
     if not verdict["passed"]:
         raise SystemExit(1)
