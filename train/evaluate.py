@@ -34,7 +34,7 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
                (nats per token) or `max_pass_drop` (share) plus `capability_tolerance_se` standard
                errors of the paired difference: measurably worse, not a near-tie flipping one item.
                Sampled, not greedy: the shipped items are ones the base model answers greedily, and
-               13 of the 42 it answers right under half the time when it samples (bench/RESULTS.md),
+               13 of the 42 it answers right at most half the time when it samples (bench/RESULTS.md),
                so against a greedy 42/42 any change of the model counts as a loss;
   capability_loglik_base, capability_pass_base
                the same two against the base model, when an adapter serves: each cycle's loss
@@ -98,7 +98,7 @@ class GateConfig:
     capability_max_new_tokens: int = 32  # the shipped items name their answer within ~20 tokens
     capability_samples: int = 4  # answers sampled per capability item: its pass rate
     max_loglik_drop: float = 0.1  # nats per reference token the candidate may lose against the baseline
-    max_pass_drop: float = 0.1  # share of capability items the candidate may stop answering
+    max_pass_drop: float = 0.1  # pass rate (share of sampled answers) the candidate may lose against the baseline
     capability_tolerance_se: float = 1.0
     seed: int = 0
     # Full precision: in bf16 a left-padded batch shifts logits by ~0.7 against the same prompt alone.
@@ -125,15 +125,13 @@ def _active(model, adapter: str | None):
     return nullcontext()
 
 
-def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, max_new_tokens: int, seed: int,
-             temperature: float | None = None) -> list[dict]:
-    """Generate with one adapter active (None = the base model), batch by batch, from `seed`."""
+def _samples(model, tokenizer, prompts, cfg: GateConfig, adapter: str | None, max_new_tokens: int, seed: int) -> list[dict]:
+    """Sample at the gate's temperature with one adapter active (None = the base model), batch by batch, from `seed`."""
     torch.manual_seed(seed)
-    temperature = cfg.temperature if temperature is None else temperature
     out = []
     for i in range(0, len(prompts), cfg.batch_size):
         with _active(model, adapter):
-            out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, temperature))
+            out.append(generate(model, tokenizer, prompts[i : i + cfg.batch_size], max_new_tokens, cfg.temperature))
     return out
 
 
