@@ -49,7 +49,6 @@ the capability set are a fixed amount of work done first.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from contextlib import nullcontext
@@ -59,7 +58,7 @@ from pathlib import Path
 import torch
 
 import hardware
-from train import common, data
+from train import artifacts, common, data
 from train.budget import Pace
 from train.ppo import exact_kl, generate, response_logprobs
 
@@ -211,13 +210,10 @@ def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se:
 _PASS_RATES: dict[tuple, tuple[torch.Tensor, list[list[str]]]] = {}
 
 
-def _weights_digest(adapter_dir: Path | None) -> str | None:
+def _weights_digest(adapter_dir: Path | None) -> tuple[str, ...] | None:
     if adapter_dir is None:
         return None
-    digest = hashlib.sha256()
-    for f in sorted(Path(adapter_dir).glob("adapter_model.*")):
-        digest.update(f.read_bytes())
-    return digest.hexdigest()
+    return tuple(artifacts.sha256(f) for f in sorted(Path(adapter_dir).glob("adapter_model.*")))
 
 
 def _pass_rates(model, tokenizer, items, cfg: GateConfig, name: str | None, key: tuple) -> tuple[torch.Tensor, list[list[str]]]:
