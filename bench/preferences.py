@@ -1,5 +1,5 @@
-"""A preference that is not one of loopchat's built-ins, for checking that the loop learns
-preferences in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`.
+"""Preferences that are not loopchat's built-ins, for checking that the loop learns preferences
+in general (bench/RESULTS.md): `--preference bench.preferences:plain_words` or `:gives_examples`.
 
 Pairwise only: no score and no corrections, so thumbs come from judging two answers against
 each other and the loop has nothing but the users' choices to learn from.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 _WORD = re.compile(r"[A-Za-z]+")
+_EXAMPLE = re.compile(r"\b(?:for example|for instance|such as|including|e\.g\.)(?!\w)", re.I)
 
 
 def mean_word_length(text: str) -> float | None:
@@ -27,3 +28,12 @@ def plain_words(prompt: str, a: str, b: str) -> str:
     if abs(la - lb) <= 0.15:
         return "tie"
     return "a" if la < lb else "b"
+
+
+def gives_examples(prompt: str, a: str, b: str) -> str:
+    """The answer that gives more concrete examples ("for example", "such as", "e.g.", ...) is better;
+    the same number is a tie. Written in session 17, after every other taste here had been run."""
+    if not a.strip() or not b.strip():
+        return "both_bad" if not (a.strip() or b.strip()) else ("a" if a.strip() else "b")
+    na, nb = len(_EXAMPLE.findall(a)), len(_EXAMPLE.findall(b))
+    return "tie" if na == nb else ("a" if na > nb else "b")
