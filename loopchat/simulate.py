@@ -628,7 +628,8 @@ def plot(report: dict, path: Path) -> None:
     rounds = report["rounds"]
     xs = [r["round"] for r in rounds]
     cyc = [r for r in rounds if r.get("cycle")]
-    fig, axes = plt.subplots(3, 1, figsize=(6, 7), sharex=True)
+    guard = [(r["round"], r["cycle"]) for r in cyc if r["cycle"].get("capability_pass") is not None]
+    fig, axes = plt.subplots(4 if guard else 3, 1, figsize=(6, 9 if guard else 7), sharex=True)
     axes[0].errorbar(xs, [r["eval"]["win_rate"] for r in rounds], yerr=[r["eval"].get("ci95") or 0 for r in rounds],
                      fmt="o-", color="tab:blue", capsize=3)
     axes[0].axhline(0.5, color="grey", lw=0.8, ls="--")
@@ -649,8 +650,21 @@ def plot(report: dict, path: Path) -> None:
     if any(r["cycle"].get("kl_base") is not None for r in cyc):
         axes[2].legend()
     axes[1].set_ylim(0, 1)
-    axes[2].set_xlabel("cycle")
-    axes[2].set_xticks(xs)
+    if guard:  # the alignment tax: each candidate's capability pass rate, hollow where the cycle was not promoted
+        ax = axes[3]
+        ax.plot([k for k, _ in guard], [c["capability_pass"] for _, c in guard], "-", color="tab:orange")
+        for promoted, style in ((True, {"label": "promoted"}), (False, {"mfc": "white", "label": "not promoted"})):
+            kept = [(k, c) for k, c in guard if (c.get("state") == "promoted") == promoted]
+            if kept:
+                ax.plot([k for k, _ in kept], [c["capability_pass"] for _, c in kept], "o", color="tab:orange", **style)
+        base = next((c["capability_pass_base_model"] for _, c in guard if c.get("capability_pass_base_model") is not None), None)
+        if base is not None:
+            ax.axhline(base, color="grey", lw=0.8, ls="--", label="base model")
+        ax.set_ylabel("capability pass rate")
+        ax.set_ylim(0, 1)
+        ax.legend(fontsize="small")
+    axes[-1].set_xlabel("cycle")
+    axes[-1].set_xticks(xs)
     s = report["settings"]
     fig.suptitle(f"loopchat simulate: {s['preference']}, noise {s['noise']}")
     fig.tight_layout()

@@ -127,6 +127,12 @@ def test_table_and_plot(tmp_path):
     assert "capab." not in text  # cycles that did not run the capability guard get no column
     plot(report, tmp_path / "r.png")
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
+    # Cycles that ran the capability guard get a fourth panel: their candidates' pass rates.
+    report["rounds"][1]["cycle"].update(capability_pass=0.7, capability_pass_base_model=0.72)
+    report["rounds"][2]["cycle"].update(state="rejected", capability_pass=0.2, capability_pass_base_model=0.72)
+    plot(report, tmp_path / "guard.png")
+    png_height = lambda name: int.from_bytes((tmp_path / name).read_bytes()[20:24], "big")
+    assert png_height("guard.png") > png_height("r.png")
 
 
 # ---- the whole simulation on the fake engine ----------------------------------------------------------
