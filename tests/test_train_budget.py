@@ -122,6 +122,35 @@ def test_step_budgets_are_shares_of_the_time_left():
     assert step_budget("ppo", -5) == 0.0
 
 
+def test_training_steps_leave_the_gate_what_it_was_seen_to_take():
+    # The gate's share of 600 s is 90 s: a gate measured at 50 s changes nothing
+    assert step_budget("sft", 600, gate_s=50) == pytest.approx(step_budget("sft", 600))
+    # one measured at 250 s: the training steps share the 350 s left after it, in their proportions
+    assert step_budget("sft", 600, gate_s=250) == pytest.approx(350 * 0.10 / 0.85)
+    assert step_budget("ppo", 300, gate_s=250) == pytest.approx(50 * 0.35 / 0.40)
+    assert step_budget("ppo", 200, gate_s=250) == 0.0
+    assert step_budget("evaluating", 100, gate_s=250) == pytest.approx(100 * 0.15 / 0.20)  # the gate: as before
+
+
+def test_judging_seconds_are_the_last_gates_per_candidate_judged(tmp_path):
+    from train.cycle import judging_seconds
+
+    store = Store(tmp_path / "loopchat.db")
+    assert judging_seconds(store) is None  # no cycle yet
+
+    def cycle(**evaluating):
+        cycle_id = cycles.queue_cycle(store, claim=True)
+        cycles.advance(store, cycle_id, "evaluating")
+        cycles.advance(store, cycle_id, "published" if evaluating else "failed", evaluating or None)
+
+    cycle(duration_s=120.0)
+    assert judging_seconds(store) == 120.0
+    cycle(duration_s=250.0, fell_back={"failed": ["kl"]})  # the full step and PPO's fallback: two candidates
+    assert judging_seconds(store) == 125.0
+    cycle()  # one that failed in the gate, without figures: the newest figure stands
+    assert judging_seconds(store) == 125.0
+
+
 def test_a_cycle_records_its_budget_and_what_each_step_chose(tiny_model_dir, tmp_path):  # noqa: F811
     from loopchat.commands.loop import show
 

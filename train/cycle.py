@@ -4,7 +4,8 @@ The recipe (train.recipes: `rlhf`, SFT + reward model + PPO, by default; `sft`) 
 was queued with, else the config's. Each step moves the cycle's row in the store (`feedback.cycles`)
 and records its figures and duration, so the dashboard can follow along. With a time budget
 (`cycle_minutes`) each step gets its recipe's share of the time left and sizes its own work to it from
-the speed it measures (train.budget); what it chose is recorded with its figures. The serving policy
+the speed it measures (train.budget); what it chose is recorded with its figures. The training steps
+leave the gate at least what it took in the last cycle (judging_seconds). The serving policy
 is touched only by the final call to the gateway's admin API (promote, or start a canary): a cycle
 that fails or is killed anywhere before it leaves what users see unchanged."""
 
@@ -149,23 +150,46 @@ def run_cycle(store: Store, cycle_id: int, cfg: CycleConfig) -> dict:
     return cycles.get_cycle(store, cycle_id)
 
 
-def step_budget(step: str, left_s: float, shares: dict[str, float] = SHARES) -> float:
+def step_budget(step: str, left_s: float, shares: dict[str, float] = SHARES, gate_s: float | None = None) -> float:
     """Seconds for `step`: its share of the time left against the shares of the steps still to
-    run, so what an earlier step did not use (little data, no demonstrations) goes to later ones."""
+    run, so what an earlier step did not use (little data, no demonstrations) goes to later ones.
+    `gate_s`: what the gate is measured to need (judging_seconds); when that is more than the gate's
+    share, a training step shares the time left after it instead."""
     later = list(shares)[list(shares).index(step):]
-    return max(0.0, left_s) * shares[step] / (sum(shares[s] for s in later) + 1 - sum(shares.values()))
+    weight = sum(shares[s] for s in later) + 1 - sum(shares.values())
+    if gate_s is not None and step != "evaluating" and gate_s > left_s * shares["evaluating"] / weight:
+        left_s, weight = left_s - gate_s, weight - shares["evaluating"]
+    return max(0.0, left_s) * shares[step] / weight
+
+
+def judging_seconds(store: Store) -> float | None:
+    """How long the gate took to judge one candidate in the newest cycle that reached it (its
+    `evaluating` step, halved when it judged PPO's fallback too); None before any cycle has. The gate's
+    canaries and capability set are a fixed amount of work per candidate (~80 s on 2 cores) that its
+    share of a 10-minute budget does not hold, so the training steps leave it what it was seen to take."""
+    for row in cycles.list_cycles(store, limit=20):
+        judged = row["steps"].get("evaluating")
+        if judged and judged.get("duration_s"):
+            return judged["duration_s"] / (2 if judged.get("fell_back") else 1)
+    return None
 
 
 def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Heartbeat) -> None:
     recipe = recipes.get(cfg.recipe)
     clock = [time.monotonic()]
     deadline = clock[0] + cfg.cycle_minutes * 60
+    # The gate judges one candidate, or two when PPO's full step fails for how far it moved and its
+    # fallback is judged as well: the training steps leave time for both, as long as the last gate took.
+    judgements = 2 if "ppo" in recipe.SHARES else 1
+    judging_s = judging_seconds(store)
+    gate_s = judging_s * judgements if judging_s else None
 
-    def budgeted(step: str, step_cfg):
-        """`step_cfg` with the step's share of the time left as its budget (as it is without a cycle budget)."""
+    def budgeted(step: str, step_cfg, share: float = 1.0):
+        """`step_cfg` with the step's share of the time left as its budget (as it is without a cycle budget);
+        `share`: the part of that a step run more than once (the gate) takes this time."""
         if not cfg.cycle_minutes:
             return step_cfg
-        seconds = step_budget(step, deadline - time.monotonic(), recipe.SHARES)
+        seconds = step_budget(step, deadline - time.monotonic(), recipe.SHARES, gate_s) * share
         return dataclasses.replace(step_cfg, time_budget_s=round(seconds, 1))
 
     def step_done(next_state: str, figures: dict | None = None, **row_figures) -> None:
@@ -205,20 +229,20 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
 
     # 3. The gate: the candidate against the policy it would replace. One that fails it only for how far it
     # moved (MOVED_TOO_FAR) has its shorter step, PPO's fallback, judged instead (a backtracking line search).
-    def judge(policy: Path) -> dict:
+    def judge(policy: Path, share: float) -> dict:
         return evaluate_adapter(cfg.model_dir, policy, reward_model=run.reward_model,
                                 prompts=data.heldout_prompts or data.prompts[: cfg.gate.max_prompts],
                                 baseline_adapter=serving["path"] if serving else None,
-                                heldout_pairs=data.heldout_pairs or None, cfg=budgeted("evaluating", cfg.gate))
+                                heldout_pairs=data.heldout_pairs or None, cfg=budgeted("evaluating", cfg.gate, share))
 
     step_done("evaluating", figures, **row_figures)
-    verdict, fell_back = judge(run.policy), None
+    verdict, fell_back = judge(run.policy, 0.5 if run.fallback is not None else 1.0), None
     failed = _failed(verdict)
     if failed and run.fallback is not None and set(failed) <= MOVED_TOO_FAR:
         log.info("cycle %d: the candidate failed %s; judging PPO's fallback", cycle_id, ", ".join(failed))
         fell_back = {"failed": failed, "kl": verdict["checks"]["kl"]["value"],
                      "capability_pass": verdict["checks"]["capability_pass"]["value"]}
-        run.policy, verdict = run.fallback, judge(run.fallback)
+        run.policy, verdict = run.fallback, judge(run.fallback, 1.0)
     checks, found = verdict["checks"], verdict["figures"]
     figures = {"rm_accuracy": checks["rm_accuracy"].get("value"), "kl": checks["kl"].get("value"),
                "kl_base": checks["kl_base"].get("value"), "mean_reward": found.get("reward_candidate"),
