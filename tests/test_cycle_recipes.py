@@ -174,3 +174,28 @@ def test_a_candidate_that_moved_too_far_falls_back_to_ppos_shorter_step(tiny_mod
     assert row["steps"]["evaluating"]["fell_back"]["failed"] == ["capability_pass"]
     published = artifacts.load_manifest(tmp_path / "adapters" / "v1")
     assert published["metrics"]["fell_back"]["failed"] == ["capability_pass"]
+
+
+def test_a_cycle_leaves_the_gate_what_the_last_one_took(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """The last gate judged two candidates in 600 s, more than its share of a 10-minute budget: PPO's budget
+    leaves 300 s for the gate, PPO keeps 300 s more for judging its fallback once it has one (here from its
+    second step), and the first judgement takes half the gate's budget."""
+    ppo_cfgs, gate_cfgs = [], []
+    real_ppo, real_gate = steps_module.train_ppo, cycle_module.evaluate_adapter
+    monkeypatch.setattr(steps_module, "train_ppo", lambda *a, **kw: ppo_cfgs.append(a[4]) or real_ppo(*a, **kw))
+    monkeypatch.setattr(cycle_module, "evaluate_adapter", lambda *a, cfg, **kw: gate_cfgs.append(cfg) or real_gate(*a, cfg=cfg, **kw))
+    store = Store(tmp_path / "loopchat.db")
+    vote_shorter(store, 16)
+    last = cycles.queue_cycle(store, claim=True)
+    cycles.advance(store, last, "evaluating")
+    cycles.advance(store, last, "rejected", {"duration_s": 600.0, "fell_back": {"failed": ["kl"]}})
+    row = cycle(store, tiny_model_dir, tmp_path / "adapters", cycle_minutes=10,
+                ppo={**TINY["ppo"], "steps": 3, "lr": 5e-2, "fallback_kl": 1e-3, "ptx_coef": 0},
+                gate={**TINY["gate"], "max_pass_drop": 0.0, "max_loglik_drop": 0.0, "capability_tolerance_se": -1000.0})
+    (ppo_cfg,) = ppo_cfgs
+    assert ppo_cfg.fallback_reserve_s == 300.0
+    assert (600 - 300 - 120) * 0.35 / 0.40 < ppo_cfg.time_budget_s <= (600 - 300) * 0.35 / 0.40  # SFT and RM took < 2 min
+    ppo = row["steps"]["ppo"]
+    assert ppo["fallback_step"] == 1 and ppo["steps"] == ppo["planned_steps"] == 2  # not the 3 the budget held
+    first, second = gate_cfgs  # the full step failed the capability checks made impossible above
+    assert first.time_budget_s < second.time_budget_s

@@ -97,6 +97,36 @@ def test_ppo_runs_what_fits_up_to_its_steps(tiny_model_dir, tmp_path, budget, st
     assert metrics["measured_s_per_step"] > 0 and len(lines(tmp_path)) == steps
 
 
+@pytest.mark.parametrize("reserve, steps", [(0.0, 6), (DAY, 2)])
+def test_ppo_keeps_time_for_judging_its_fallback_once_it_has_one(tiny_model_dir, tmp_path, reserve, steps):  # noqa: F811
+    # Within 1e-3 nats only the first policy: from step 2 on the run is past its fallback, and keeping a
+    # day for the gate to judge it leaves no time for more steps (the budget of a day held all six before).
+    cfg = PPOConfig(steps=6, batch_size=2, minibatches=1, ppo_epochs=1, max_new_tokens=4, lr=5e-2, fallback_kl=1e-3,
+                    time_budget_s=DAY, fallback_reserve_s=reserve)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path, rule_reward, cfg, quiet=True)
+    assert metrics["steps"] == metrics["planned_steps"] == steps and metrics["fallback_step"] == 1
+
+
+def test_pace_reserves_time_found_needed_mid_loop():
+    now = [0.0]
+    pace = Pace(100.0, clock=lambda: now[0])
+    pace.start(cap=1000)
+    now[0] = 10.0
+    pace.step_done(1)
+    now[0] = 12.0  # 2 s a step, 88 s left: 44 more
+    assert pace.step_done(2) == 46
+    now[0] = 30.0  # at step 11, 70 s left: keeping 30 of them leaves 20 more steps
+    assert pace.reserve(30.0, 11) == 31 and pace.step_done(11) == 31
+    assert pace.reserve(1000.0, 12) == 12  # never fewer than the steps done
+    now[0] = 0.0
+    late = Pace(100.0, clock=lambda: now[0])  # a reserve before the plan is kept for it
+    late.start(cap=1000)
+    late.reserve(20.0, 0)
+    late.step_done(1)
+    now[0] = 2.0
+    assert late.step_done(2) == 2 + (100 - 2 - 20) // 2
+
+
 @pytest.fixture(scope="module")
 def adapter(tiny_model_dir, tmp_path_factory):  # noqa: F811
     out = tmp_path_factory.mktemp("sft")

@@ -6,7 +6,8 @@ kernel selection, lazy initialisation), times the next one, and then plans how m
 fit in what is left, never more than `cap` (its data, or its fixed size) and never fewer than
 `floor` or the two steps it ran to measure. It plans once and runs exactly that many whole steps, so an optimizer and a
 learning-rate schedule always end at a step boundary, and the schedule can decay to zero at
-the planned end. Without a budget it runs `cap` steps; its speed is measured all the same.
+the planned end; only work found to be needed after the loop mid-way (`reserve`) shortens the plan.
+Without a budget it runs `cap` steps; its speed is measured all the same.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ class Pace:
         self.budget_s, self.clock = budget_s, clock
         self.started = clock()
         self.total = self.cap = self.floor = 0
-        self.tail_steps = 0.0
+        self.tail_steps = self.reserved_s = 0.0
         self.s_per_step: float | None = None
         self._timed_from: float | None = None
 
@@ -55,9 +56,24 @@ class Pace:
         elif done == WARMUP_STEPS + TIMED_STEPS:
             now = self.clock()
             self.s_per_step = (now - self._timed_from) / TIMED_STEPS
-            if self.budget_s is not None:
-                self.total = plan_steps(self.budget_s, now - self.started, self.s_per_step, done, self.cap,
-                                        self.floor, self.tail_steps)
+            self._plan(done)
+        return self.total
+
+    def reserve(self, seconds: float, done: int) -> int:
+        """Keep `seconds` more at the end for work found to be needed mid-loop (PPO's fallback, which the
+        gate will judge as well): a planned total shrinks to fit, never below the steps done; an unplanned
+        one keeps it for its plan. Returns the total to run."""
+        self.reserved_s += seconds
+        if self.s_per_step is not None:
+            planned = self.total
+            self.total = min(planned, self._plan(done))
+        return self.total
+
+    def _plan(self, done: int) -> int:
+        if self.budget_s is not None:
+            tail = self.tail_steps + self.reserved_s / self.s_per_step if self.s_per_step else self.tail_steps
+            self.total = plan_steps(self.budget_s, self.clock() - self.started, self.s_per_step, done, self.cap,
+                                    self.floor, tail)
         return self.total
 
     def figures(self) -> dict:

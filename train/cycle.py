@@ -5,7 +5,8 @@ was queued with, else the config's. Each step moves the cycle's row in the store
 and records its figures and duration, so the dashboard can follow along. With a time budget
 (`cycle_minutes`) each step gets its recipe's share of the time left and sizes its own work to it from
 the speed it measures (train.budget); what it chose is recorded with its figures. The training steps
-leave the gate at least what it took in the last cycle (judging_seconds). The serving policy
+leave the gate at least what it took per candidate in the last cycle (judging_seconds), and PPO as
+much again once it has a fallback for the gate to judge. The serving policy
 is touched only by the final call to the gateway's admin API (promote, or start a canary): a cycle
 that fails or is killed anywhere before it leaves what users see unchanged."""
 
@@ -178,18 +179,18 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     recipe = recipes.get(cfg.recipe)
     clock = [time.monotonic()]
     deadline = clock[0] + cfg.cycle_minutes * 60
-    # The gate judges one candidate, or two when PPO's full step fails for how far it moved and its
-    # fallback is judged as well: the training steps leave time for both, as long as the last gate took.
-    judgements = 2 if "ppo" in recipe.SHARES else 1
+    # The training steps leave the gate what it took to judge one candidate last cycle; PPO keeps as much
+    # again once it has a fallback, which the gate may have to judge too.
     judging_s = judging_seconds(store)
-    gate_s = judging_s * judgements if judging_s else None
 
     def budgeted(step: str, step_cfg, share: float = 1.0):
         """`step_cfg` with the step's share of the time left as its budget (as it is without a cycle budget);
         `share`: the part of that a step run more than once (the gate) takes this time."""
         if not cfg.cycle_minutes:
             return step_cfg
-        seconds = step_budget(step, deadline - time.monotonic(), recipe.SHARES, gate_s) * share
+        seconds = step_budget(step, deadline - time.monotonic(), recipe.SHARES, judging_s) * share
+        if step == "ppo" and judging_s:
+            step_cfg = dataclasses.replace(step_cfg, fallback_reserve_s=round(judging_s, 1))
         return dataclasses.replace(step_cfg, time_budget_s=round(seconds, 1))
 
     def step_done(next_state: str, figures: dict | None = None, **row_figures) -> None:

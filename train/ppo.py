@@ -95,6 +95,9 @@ class PPOConfig:
     # saved, in `out_dir/fallback`: a shorter step the cycle can offer the gate when the full one moved too far
     # (see train.cycle). None: no fallback.
     fallback_kl: float | None = 4.0
+    # Seconds kept at the end of the time budget once the run goes past its fallback, for the gate to judge
+    # it as well (the cycle sets it from what its last gate took per candidate, train.cycle.judging_seconds).
+    fallback_reserve_s: float = 0.0
     missing_eos_penalty: float = 1.0
     cliprange: float = 0.2
     cliprange_value: float = 0.2
@@ -584,7 +587,7 @@ def train_ppo(
     total = pace.start(cfg.steps)
     log = common.RunLog(out_dir, total, "ppo", quiet)
     history, stop = [], "steps done"
-    safe, kl_start, fallback = lora_state(model), None, None
+    safe, kl_start, fallback, reserved = lora_state(model), None, None, False
     step = 0
     while step < total:
         step += 1
@@ -604,6 +607,8 @@ def train_ppo(
         safe = lora_state(model)
         if cfg.fallback_kl is not None and stats["kl"] <= kl_start + cfg.fallback_kl:
             fallback = (step, stats["kl"], safe)  # the policy that rolled out this step, before its update
+        elif fallback is not None and not reserved:  # past it: there will be two candidates to judge
+            total, reserved = pace.reserve(cfg.fallback_reserve_s, step), True
         with clock("update"):
             stats.update(update(model, value_head, opt, params, batch, cfg, gen, demos))
         stats["kl_coef"] = kl_ctl.coef
