@@ -166,7 +166,7 @@ def step_budget(step: str, left_s: float, shares: dict[str, float] = SHARES, gat
 def judging_seconds(store: Store) -> float | None:
     """How long the gate took to judge one candidate in the newest cycle that reached it (its
     `evaluating` step, halved when it judged PPO's fallback too); None before any cycle has. The gate's
-    canaries and capability set are a fixed amount of work per candidate (~80 s on 2 cores) that its
+    canaries and capability set are a fixed amount of work per candidate (80-100 s on 2 cores) that its
     share of a 10-minute budget does not hold, so the training steps leave it what it was seen to take."""
     for row in cycles.list_cycles(store, limit=20):
         judged = row["steps"].get("evaluating")
