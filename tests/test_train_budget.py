@@ -107,7 +107,33 @@ def test_ppo_keeps_time_for_judging_its_fallback_once_it_has_one(tiny_model_dir,
     assert metrics["steps"] == metrics["planned_steps"] == steps and metrics["fallback_step"] == 1
 
 
-def test_pace_reserves_time_found_needed_mid_loop():
+def test_ppo_holds_time_for_its_fallback_only_while_past_it(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    # KL scripted per step (1 nat above the start is the fallback's bound): past it at steps 2-3, back
+    # within from step 4 on, so the time held for judging a fallback is given back and none is saved.
+    import train.ppo as ppo
+
+    kls, holds = iter([0.0, 5.0, 5.0, 0.5, 0.5, 0.5]), []
+
+    def scripted(*args, **kwargs):
+        batch = real_rollout(*args, **kwargs)
+        batch["stats"]["kl"] = next(kls)
+        return batch
+
+    def recorded(self, seconds, done):
+        holds.append((seconds, done))
+        return real_hold(self, seconds, done)
+
+    real_rollout, real_hold = ppo.rollout, Pace.hold
+    monkeypatch.setattr(ppo, "rollout", scripted)
+    monkeypatch.setattr(Pace, "hold", recorded)
+    cfg = PPOConfig(steps=6, batch_size=2, minibatches=1, ppo_epochs=1, max_new_tokens=4, fallback_kl=1.0,
+                    time_budget_s=DAY, fallback_reserve_s=100.0)
+    metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path, rule_reward, cfg, quiet=True)
+    assert holds == [(100.0, 2), (0.0, 4)]
+    assert metrics["steps"] == 6 and metrics["fallback_step"] is None and not (tmp_path / "fallback").exists()
+
+
+def test_pace_holds_time_found_needed_mid_loop_and_gives_it_back():
     now = [0.0]
     pace = Pace(100.0, clock=lambda: now[0])
     pace.start(cap=1000)
@@ -116,12 +142,13 @@ def test_pace_reserves_time_found_needed_mid_loop():
     now[0] = 12.0  # 2 s a step, 88 s left: 44 more
     assert pace.step_done(2) == 46
     now[0] = 30.0  # at step 11, 70 s left: keeping 30 of them leaves 20 more steps
-    assert pace.reserve(30.0, 11) == 31 and pace.step_done(11) == 31
-    assert pace.reserve(1000.0, 12) == 12  # never fewer than the steps done
+    assert pace.hold(30.0, 11) == 31 and pace.step_done(11) == 31
+    assert pace.hold(1000.0, 12) == 12  # never fewer than the steps done
+    assert pace.hold(0.0, 12) == 12 + 70 // 2  # given back: the plan grows again
     now[0] = 0.0
-    late = Pace(100.0, clock=lambda: now[0])  # a reserve before the plan is kept for it
+    late = Pace(100.0, clock=lambda: now[0])  # a hold before the plan is kept for it
     late.start(cap=1000)
-    late.reserve(20.0, 0)
+    late.hold(20.0, 0)
     late.step_done(1)
     now[0] = 2.0
     assert late.step_done(2) == 2 + (100 - 2 - 20) // 2

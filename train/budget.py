@@ -6,7 +6,7 @@ kernel selection, lazy initialisation), times the next one, and then plans how m
 fit in what is left, never more than `cap` (its data, or its fixed size) and never fewer than
 `floor` or the two steps it ran to measure. It plans once and runs exactly that many whole steps, so an optimizer and a
 learning-rate schedule always end at a step boundary, and the schedule can decay to zero at
-the planned end; only work found to be needed after the loop mid-way (`reserve`) shortens the plan.
+the planned end; only time held mid-loop for work found to be needed after it (`hold`) plans again.
 Without a budget it runs `cap` steps; its speed is measured all the same.
 """
 
@@ -38,7 +38,7 @@ class Pace:
         self.budget_s, self.clock = budget_s, clock
         self.started = clock()
         self.total = self.cap = self.floor = 0
-        self.tail_steps = self.reserved_s = 0.0
+        self.tail_steps = self.held_s = 0.0
         self.s_per_step: float | None = None
         self._timed_from: float | None = None
 
@@ -59,19 +59,18 @@ class Pace:
             self._plan(done)
         return self.total
 
-    def reserve(self, seconds: float, done: int) -> int:
-        """Keep `seconds` more at the end for work found to be needed mid-loop (PPO's fallback, which the
-        gate will judge as well): a planned total shrinks to fit, never below the steps done; an unplanned
-        one keeps it for its plan. Returns the total to run."""
-        self.reserved_s += seconds
+    def hold(self, seconds: float, done: int) -> int:
+        """Keep `seconds` at the end for work found mid-loop to be needed after it (PPO's fallback, which
+        the gate will then judge as well); 0 gives them back. A planned total is planned again from the time
+        left, never below the steps done; an unplanned one keeps the hold for its plan. Returns the total."""
+        self.held_s = seconds
         if self.s_per_step is not None:
-            planned = self.total
-            self.total = min(planned, self._plan(done))
+            self._plan(done)
         return self.total
 
     def _plan(self, done: int) -> int:
         if self.budget_s is not None:
-            tail = self.tail_steps + self.reserved_s / self.s_per_step if self.s_per_step else self.tail_steps
+            tail = self.tail_steps + self.held_s / self.s_per_step if self.s_per_step else self.tail_steps
             self.total = plan_steps(self.budget_s, self.clock() - self.started, self.s_per_step, done, self.cap,
                                     self.floor, tail)
         return self.total

@@ -180,7 +180,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     clock = [time.monotonic()]
     deadline = clock[0] + cfg.cycle_minutes * 60
     # The training steps leave the gate what it took to judge one candidate last cycle; PPO keeps as much
-    # again once it has a fallback, which the gate may have to judge too.
+    # again while it is past its fallback, which the gate would then have to judge too.
     judging_s = judging_seconds(store)
 
     def budgeted(step: str, step_cfg, share: float = 1.0):

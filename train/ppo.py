@@ -95,7 +95,7 @@ class PPOConfig:
     # saved, in `out_dir/fallback`: a shorter step the cycle can offer the gate when the full one moved too far
     # (see train.cycle). None: no fallback.
     fallback_kl: float | None = 4.0
-    # Seconds kept at the end of the time budget once the run goes past its fallback, for the gate to judge
+    # Seconds kept at the end of the time budget while the run is past its fallback, for the gate to judge
     # it as well (the cycle sets it from what its last gate took per candidate, train.cycle.judging_seconds).
     fallback_reserve_s: float = 0.0
     missing_eos_penalty: float = 1.0
@@ -587,7 +587,7 @@ def train_ppo(
     total = pace.start(cfg.steps)
     log = common.RunLog(out_dir, total, "ppo", quiet)
     history, stop = [], "steps done"
-    safe, kl_start, fallback, reserved = lora_state(model), None, None, False
+    safe, kl_start, fallback, holding = lora_state(model), None, None, False
     step = 0
     while step < total:
         step += 1
@@ -605,10 +605,12 @@ def train_ppo(
             log.step(step, **stats, kl_coef=kl_ctl.coef, stopped=True)
             break
         safe = lora_state(model)
-        if cfg.fallback_kl is not None and stats["kl"] <= kl_start + cfg.fallback_kl:
+        within = cfg.fallback_kl is not None and stats["kl"] <= kl_start + cfg.fallback_kl
+        if within:
             fallback = (step, stats["kl"], safe)  # the policy that rolled out this step, before its update
-        elif fallback is not None and not reserved:  # past it: there will be two candidates to judge
-            total, reserved = pace.reserve(cfg.fallback_reserve_s, step), True
+        if fallback is not None and holding == within:  # two candidates to judge while past it, one when back
+            holding = not within
+            total = pace.hold(cfg.fallback_reserve_s if holding else 0.0, step)
         with clock("update"):
             stats.update(update(model, value_head, opt, params, batch, cfg, gen, demos))
         stats["kl_coef"] = kl_ctl.coef
