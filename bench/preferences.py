@@ -1,5 +1,5 @@
 """Preferences that are not loopchat's built-ins, for checking that the loop learns preferences
-in general (bench/RESULTS.md): `--preference bench.preferences:plain_words` or `:gives_examples`.
+in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:gives_examples` or `:gives_figures`.
 
 Pairwise only: no score and no corrections, so thumbs come from judging two answers against
 each other and the loop has nothing but the users' choices to learn from.
@@ -10,6 +10,8 @@ from __future__ import annotations
 import re
 
 _WORD = re.compile(r"[A-Za-z]+")
+_FIGURE = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*%?")
+_LIST_MARKER = re.compile(r"^\s*\d+[.)]\s", re.M)  # "1. " numbering a list is no figure
 _EXAMPLE = re.compile(r"\b(?:for example|for instance|such as|including|e\.g\.)(?!\w)", re.I)
 
 
@@ -30,10 +32,22 @@ def plain_words(prompt: str, a: str, b: str) -> str:
     return "a" if la < lb else "b"
 
 
+def _more_is_better(a: str, b: str, count) -> str:
+    """The answer with the higher `count` is better, the same is a tie; an empty answer loses."""
+    if not a.strip() or not b.strip():
+        return "both_bad" if not (a.strip() or b.strip()) else ("a" if a.strip() else "b")
+    na, nb = count(a), count(b)
+    return "tie" if na == nb else ("a" if na > nb else "b")
+
+
 def gives_examples(prompt: str, a: str, b: str) -> str:
     """The answer that gives more concrete examples ("for example", "such as", "e.g.", ...) is better;
     the same number is a tie. Written in session 17, after every other taste here had been run."""
-    if not a.strip() or not b.strip():
-        return "both_bad" if not (a.strip() or b.strip()) else ("a" if a.strip() else "b")
-    na, nb = len(_EXAMPLE.findall(a)), len(_EXAMPLE.findall(b))
-    return "tie" if na == nb else ("a" if na > nb else "b")
+    return _more_is_better(a, b, lambda text: len(_EXAMPLE.findall(text)))
+
+
+def gives_figures(prompt: str, a: str, b: str) -> str:
+    """The answer that states more figures (numbers in digits: "3", "1,500", "4.5", "20%") is better; the
+    same number is a tie; list numbering does not count. Written in session 19, after every other taste
+    here had been run."""
+    return _more_is_better(a, b, lambda text: len(_FIGURE.findall(_LIST_MARKER.sub("", text))))

@@ -83,6 +83,9 @@ def test_builtins_and_plugins():
     assert examples.vote("q", "Fruit is sweet.", "Fruit, such as figs (e.g. dried), is sweet.", rng, noisy=False) == "b"
     assert examples.vote("q", "Such as it is.", "For instance, figs.", rng, noisy=False) == "tie"
     assert examples.vote("q", "Suchas eg.", "", rng, noisy=False) == "a"
+    figures = load_judge("bench.preferences:gives_figures")
+    assert figures.vote("q", "It is far.", "It is 384,400 km away, 1.3 light-seconds.", rng, noisy=False) == "b"
+    assert figures.vote("q", "About 20% of it, in 1969.", "1. Two, in v2, cost 3.5 and 4.", rng, noisy=False) == "tie"
 
 
 def test_ranking_by_the_judge():
