@@ -59,7 +59,8 @@ class Settings:
 
     @property
     def cache_dir(self) -> Path:
-        """vLLM's and torch inductor's compile caches: kept so that a second start is quick."""
+        """vLLM's and torch inductor's compile caches, kept so that a second start is quick, and the gate's
+        capability answers of the versions it judged (`gate/`), so that a cycle in a new process samples them once."""
         return self.data_dir / "cache"
 
     @property

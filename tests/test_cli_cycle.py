@@ -180,3 +180,13 @@ def test_recipe_flag_over_the_config_file(data_dir):
     assert (cfg.recipe, cfg.init, cfg.end_at, cfg.canary_share) == ("sft", "base", "canary", 0.2)
     assert loop.cycle_config(settings, "http://gw", None, False, config, None, "rlhf").recipe == "rlhf"
     assert loop.cycle_config(settings, "http://gw", None, False, None, None).recipe == "rlhf"
+
+
+def test_the_gate_keeps_capability_answers_in_the_data_dir_whatever_the_config_file_sets(data_dir):
+    from loopchat.settings import Settings
+
+    settings = Settings(data_dir=data_dir, model=data_dir / "model")
+    config = data_dir / "cycle.json"
+    config.write_text(json.dumps({"gate": {"max_kl": 5.0}}))
+    gate = loop.cycle_config(settings, "http://gw", None, False, config, None).gate
+    assert gate.max_kl == 5.0 and gate.cache_dir == str(data_dir / "cache" / "gate")

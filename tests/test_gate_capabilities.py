@@ -96,16 +96,18 @@ def test_a_candidate_that_kept_them_passes(tiny_model_dir, adapters, capability_
 
 
 def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sampled_again(
-        tiny_model_dir, adapters, capability_file, monkeypatch):  # noqa: F811
-    """A version judged as the candidate keeps its figures, under its weights' digest, for the cycle that
-    judges the next candidate against it; sampled again they are the same."""
+        tiny_model_dir, adapters, capability_file, monkeypatch, tmp_path):  # noqa: F811
+    """A version judged as the candidate keeps its figures in the cache folder, under its weights' digest,
+    for the gate (in this process or the next) that judges the next candidate against it; sampled again,
+    they are the same. The folder keeps the newest KEEP_PASS_RATES."""
     samples = []
     real = evaluate._samples
     monkeypatch.setattr(evaluate, "_samples", lambda *a, **k: samples.append(len(a[2])) or real(*a, **k))
-    evaluate._PASS_RATES.clear()
-    first = gate(tiny_model_dir, adapters, capability_file, "one_word", capability_samples=3)
+    cache = tmp_path / "cache"
+    first = gate(tiny_model_dir, adapters, capability_file, "one_word", capability_samples=3, cache_dir=str(cache))
     # candidate, baseline and base model, 3 answers an item; then the candidate's held-out answers (no reward model)
     assert sum(samples) == 3 * 3 * len(ITEMS) + len(ITEMS)
+    assert len(list(cache.glob("capabilities-*.json"))) == 3
     for x in first["capability_lost"]:
         assert x["pass_rate"] in (0, 1 / 3) and x["baseline_pass_rate"] - x["pass_rate"] >= evaluate.LOST_BY
     samples.clear()
@@ -113,13 +115,17 @@ def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sa
     copy = adapters.parent / "one_word_copy"
     if not copy.exists():
         shutil.copytree(adapters / "one_word", copy)
+    cfg = GateConfig(**{**FAST, "capabilities": str(capability_file), "capability_samples": 3, "cache_dir": str(cache)})
     second = evaluate_adapter(tiny_model_dir, copy, prompts=[it["prompt"] for it in ITEMS], baseline_adapter=adapters / "one_word",
-                              cfg=GateConfig(**{**FAST, "capabilities": str(capability_file), "capability_samples": 3}))
+                              cfg=cfg)
     assert sum(samples) == len(ITEMS)  # held-out answers only: all three's capability answers came from the first gate
     assert second["figures"]["capability_pass_baseline"] == first["checks"]["capability_pass"]["value"]
     assert second["figures"]["capability_pass_base_model"] is not None
-    evaluate._PASS_RATES.clear()
-    again = gate(tiny_model_dir, adapters, capability_file, "one_word", capability_samples=3)
+    samples.clear()
+    monkeypatch.setattr(evaluate, "KEEP_PASS_RATES", 2)  # a new folder, and room for two of the three
+    again = gate(tiny_model_dir, adapters, capability_file, "one_word", capability_samples=3, cache_dir=str(tmp_path / "small"))
+    assert sum(samples) == 3 * 3 * len(ITEMS) + len(ITEMS)
+    assert len(list((tmp_path / "small").glob("capabilities-*.json"))) == 2
     assert again["checks"]["capability_pass"] == first["checks"]["capability_pass"]
 
 

@@ -44,13 +44,18 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
 One base model is loaded; the candidate, the baseline adapter and the base itself are
 switched with peft's adapter controls. With a time budget the held-out prompts are taken batch by
 batch, as many batches as fit (see train.budget), never fewer than `min_prompts`; the canaries and
-the capability set are a fixed amount of work done first.
+the capability set are a fixed amount of work done first. A version's capability answers are sampled
+once: with `cache_dir` they are kept there (the cycle keeps them in the data dir's cache), so the next
+cycle judges its candidate against the version promoted now, and the same base model, by sampling the
+candidate's answers alone, whichever process runs it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import os
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -100,6 +105,8 @@ class GateConfig:
     max_pass_drop: float = 0.1  # pass rate (share of sampled answers) the candidate may lose against the baseline
     capability_tolerance_se: float = 1.0
     seed: int = 0
+    # Where the capability answers of the versions judged are kept (see the module docstring); None: not kept.
+    cache_dir: str | None = None
     # Full precision: in bf16 a left-padded batch shifts logits by ~0.7 against the same prompt alone.
     dtype: str = "float32"
 
@@ -205,9 +212,7 @@ def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se:
     return _check(float(new.mean()), threshold, float(new.mean()) >= threshold), se
 
 
-# Pass rates and answers by (model, adapter weights, set-up): a worker's next cycle judges its candidate against the
-# version this cycle promoted, and against the same base model, so only the candidate's are sampled anew.
-_PASS_RATES: dict[tuple, tuple[torch.Tensor, list[list[str]]]] = {}
+KEEP_PASS_RATES = 16  # files of capability answers kept in `cache_dir`, the newest
 
 
 def _weights_digest(adapter_dir: Path | None) -> tuple[str, ...] | None:
@@ -218,18 +223,29 @@ def _weights_digest(adapter_dir: Path | None) -> tuple[str, ...] | None:
 
 def _pass_rates(model, tokenizer, items, cfg: GateConfig, name: str | None, key: tuple) -> tuple[torch.Tensor, list[list[str]]]:
     """Each item's share of `capability_samples` answers (sampled with adapter `name` active) that pass,
-    and those answers; kept under `key` (see _PASS_RATES), the last 8."""
-    if key not in _PASS_RATES:
-        k = cfg.capability_samples
-        asked = [[{"role": "user", "content": it["prompt"]}] for it in items for _ in range(k)]
-        texts = _flat(_samples(model, tokenizer, asked, replace(cfg, batch_size=CAPABILITY_BATCH), name,
-                               cfg.capability_max_new_tokens, cfg.seed), "texts")
-        answers = [texts[i * k : (i + 1) * k] for i in range(len(items))]
-        rates = torch.tensor([sum(passes(a, it["contains_any"]) for a in ans) / k for ans, it in zip(answers, items)])
-        _PASS_RATES[key] = (rates, answers)
-        while len(_PASS_RATES) > 8:
-            _PASS_RATES.pop(next(iter(_PASS_RATES)))
-    return _PASS_RATES[key]
+    and those answers; kept in `cfg.cache_dir` under a digest of `key` (model, adapter weights, set-up)."""
+    kept = None
+    if cfg.cache_dir is not None:
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
+        kept = Path(cfg.cache_dir) / f"capabilities-{digest}.json"
+        if kept.is_file():
+            kept.touch()  # in use: the last to be dropped
+            saved = json.loads(kept.read_text(encoding="utf-8"))
+            return torch.tensor(saved["rates"]), saved["answers"]
+    k = cfg.capability_samples
+    asked = [[{"role": "user", "content": it["prompt"]}] for it in items for _ in range(k)]
+    texts = _flat(_samples(model, tokenizer, asked, replace(cfg, batch_size=CAPABILITY_BATCH), name,
+                           cfg.capability_max_new_tokens, cfg.seed), "texts")
+    answers = [texts[i * k : (i + 1) * k] for i in range(len(items))]
+    rates = torch.tensor([sum(passes(a, it["contains_any"]) for a in ans) / k for ans, it in zip(answers, items)])
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        partial = kept.with_suffix(f".{os.getpid()}.partial")
+        common.write_json(partial, {"rates": rates.tolist(), "answers": answers})
+        os.replace(partial, kept)  # whole or not at all, for a gate in another process
+        for old in sorted(kept.parent.glob("capabilities-*.json"), key=lambda f: f.stat().st_mtime)[:-KEEP_PASS_RATES]:
+            old.unlink(missing_ok=True)
+    return rates, answers
 
 
 def _capabilities(model, tokenizer, cfg: GateConfig, model_dir, adapter_dirs: dict) -> tuple[dict, dict, list[dict]]:

@@ -45,6 +45,7 @@ def loop_options(func):
 
 def cycle_config(settings, gateway, admin_key, no_promote, config_file, cycle_minutes, recipe=None):
     from train.cycle import CycleConfig
+    from train.evaluate import GateConfig
 
     overrides = json.loads(config_file.read_text()) if config_file else {}
     if cycle_minutes is not None:
@@ -52,7 +53,8 @@ def cycle_config(settings, gateway, admin_key, no_promote, config_file, cycle_mi
     if recipe is not None:
         overrides["recipe"] = recipe
     base = {"model_dir": ensure_model(settings), "adapters_dir": settings.adapters_dir,
-            "gateway_url": None if no_promote else gateway.rstrip("/"), "admin_key": admin_key}
+            "gateway_url": None if no_promote else gateway.rstrip("/"), "admin_key": admin_key,
+            "gate": GateConfig(cache_dir=str(settings.cache_dir / "gate"))}
     try:
         cfg = CycleConfig.from_dict(base, overrides)
     except (AttributeError, TypeError, ValueError) as e:
