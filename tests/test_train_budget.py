@@ -98,7 +98,7 @@ def test_ppo_runs_what_fits_up_to_its_steps(tiny_model_dir, tmp_path, budget, st
 
 
 @pytest.mark.parametrize("reserve, steps", [(0.0, 6), (DAY, 2)])
-def test_ppo_keeps_time_for_judging_its_fallback_once_it_has_one(tiny_model_dir, tmp_path, reserve, steps):  # noqa: F811
+def test_ppo_keeps_time_for_judging_its_fallback_past_it(tiny_model_dir, tmp_path, reserve, steps):  # noqa: F811
     # Within 1e-3 nats only the first policy: from step 2 on the run is past its fallback, and keeping a
     # day for the gate to judge it leaves no time for more steps (the budget of a day held all six before).
     cfg = PPOConfig(steps=6, batch_size=2, minibatches=1, ppo_epochs=1, max_new_tokens=4, lr=5e-2, fallback_kl=1e-3,
