@@ -2,7 +2,8 @@
 recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
 started from the one published with it) and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
 base` starts every cycle from the base model; a candidate that fails the gate only for moving too far has
-PPO's shorter step judged instead; `ptx_data` says what PPO-ptx mixes in."""
+PPO's shorter step judged instead; `ptx_data` says what PPO-ptx mixes in, and PPO-ptx switches on once the
+capability guard has refused a candidate."""
 
 import httpx
 import pytest
@@ -167,13 +168,40 @@ def test_a_candidate_that_moved_too_far_falls_back_to_ppos_shorter_step(tiny_mod
     assert len(calls) == judged and row["steps"]["ppo"]["fallback_step"] is not None
     if failing == "reward_gain":
         assert row["state"] == "rejected" and row["error"] == "gate failed: reward_gain"
-        assert "fell_back" not in row["steps"]["evaluating"]
+        assert "fell_back" not in row["steps"]["evaluating"] and row["steps"]["evaluating"]["failed"] == ["reward_gain"]
         return
     assert row["state"] == "published" and row["gate"] == "pass", row["error"]
     assert calls[1].name == "fallback" and calls[1].parent == calls[0]
     assert row["steps"]["evaluating"]["fell_back"]["failed"] == ["capability_pass"]
+    assert row["steps"]["evaluating"]["failed"] == []  # the fallback's verdict
     published = artifacts.load_manifest(tmp_path / "adapters" / "v1")
     assert published["metrics"]["fell_back"]["failed"] == ["capability_pass"]
+
+
+def test_ppo_ptx_switches_on_once_the_guard_has_refused_capability(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
+    """PPO runs with `ppo.ptx_coef` (0 here) until the gate's capability checks have refused a candidate, or the
+    full step of one whose fallback they judged instead; from then on at `ptx_after_capability_loss` (0: never)."""
+    coefs, real_ppo = [], steps_module.train_ppo
+    monkeypatch.setattr(steps_module, "train_ppo", lambda *a, **kw: coefs.append(a[4].ptx_coef) or real_ppo(*a, **kw))
+    store = Store(tmp_path / "loopchat.db")
+    vote_shorter(store, 16)
+
+    def judged(figures: dict) -> int:  # a cycle the gate refused with these figures
+        cycle_id = cycles.queue_cycle(store, claim=True)
+        cycles.advance(store, cycle_id, "evaluating")
+        cycles.advance(store, cycle_id, "rejected", figures)
+        return cycle_id
+
+    judged({"failed": ["reward_gain", "kl"]})
+    before = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "ptx_coef": 0})
+    refused = judged({"failed": ["kl"], "fell_back": {"failed": ["kl", "capability_pass_base"]}})
+    after = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "ptx_coef": 0})
+    never = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "ptx_coef": 0}, ptx_after_capability_loss=0)
+    assert coefs == [0, 0.2, 0]
+    assert before["steps"]["ppo"]["ptx_loss_last"] is None and "ptx_since_cycle" not in before["steps"]["building_data"]
+    assert after["steps"]["ppo"]["ptx_coef"] == 0.2 and after["steps"]["ppo"]["ptx_loss_last"] > 0
+    assert after["steps"]["ppo"]["ptx_data"] == "skills" and after["steps"]["building_data"]["ptx_since_cycle"] == refused
+    assert never["steps"]["ppo"]["ptx_loss_last"] is None
 
 
 def test_a_cycle_leaves_the_gate_what_the_last_one_took(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811

@@ -27,7 +27,7 @@ from feedback import Store, cycles
 from feedback.datasets import build_pairs, build_prompts, build_sft
 from train import artifacts, recipes
 from train.best_of_n import BestOfNConfig
-from train.evaluate import GateConfig, evaluate_adapter
+from train.evaluate import CAPABILITY_CHECKS, GateConfig, evaluate_adapter
 from train.ppo import PPOConfig
 from train.recipes.steps import Data, Run, chosen
 from train.reward import RewardConfig
@@ -81,6 +81,13 @@ class CycleConfig:
     # items); `demonstrations`, the cycle's own (what users wrote and chose: run Q, at 0.5 they held PPO's
     # reward gain at zero and protected nothing); or the path of a JSONL of demonstrations.
     ptx_data: str = "skills"
+    # PPO-ptx's weight once the gate's capability checks have refused a candidate in this store (or the full step
+    # of one whose fallback it judged instead): from then on every cycle mixes `ptx_data` into PPO at least at
+    # this weight (0: never). Until then PPO runs with `ppo.ptx_coef`. Why: ptx from the first cycle held a
+    # taste its set does not share to the set's style (run Y), but once a taste's next step costs capability
+    # items, ptx 0.2 on the skills set let the same cycle pass the guard (bench/RESULTS.md, "PPO-ptx on a shipped
+    # skills set") and `plain_words` promote twice in a row (run X). The alignment tax is paid when it shows.
+    ptx_after_capability_loss: float = 0.2
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
@@ -91,6 +98,8 @@ class CycleConfig:
             raise ValueError(f"end_at must be one of {', '.join(ENDS)}, not {self.end_at!r}")
         if self.ptx_data not in PTX_SETS and not Path(self.ptx_data).is_file():
             raise ValueError(f"ptx_data must be {' or '.join(PTX_SETS)} or a JSONL file, not {self.ptx_data!r}")
+        if self.ptx_after_capability_loss < 0:
+            raise ValueError(f"ptx_after_capability_loss must be 0 or more, not {self.ptx_after_capability_loss!r}")
         if not 0 < self.canary_share < 1:
             raise ValueError(f"canary_share must be between 0 and 1, not {self.canary_share!r}")
 
@@ -175,6 +184,17 @@ def judging_seconds(store: Store) -> float | None:
     return None
 
 
+def capability_refused(store: Store) -> int | None:
+    """The newest cycle whose candidate, or the full step of one whose fallback was judged instead, failed
+    one of the gate's capability checks; None when none has."""
+    for row in cycles.list_cycles(store, limit=-1):
+        gate = row["steps"].get("evaluating") or {}
+        failed = set(gate.get("failed", [])) | set((gate.get("fell_back") or {}).get("failed", []))
+        if failed & set(CAPABILITY_CHECKS):
+            return row["id"]
+    return None
+
+
 def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Heartbeat) -> None:
     recipe = recipes.get(cfg.recipe)
     clock = [time.monotonic()]
@@ -217,6 +237,10 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
                 "n_prompts": len(data.prompts)}
     figures = {"heldout_pairs": len(data.heldout_pairs), "heldout_prompts": len(data.heldout_prompts),
                "recipe": cfg.recipe, "init": cfg.init}
+    refused = capability_refused(store)
+    if refused is not None and cfg.ptx_after_capability_loss > cfg.ppo.ptx_coef:
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=cfg.ptx_after_capability_loss))
+        figures["ptx_since_cycle"] = refused  # PPO-ptx on: that cycle's candidate lost capability
     row_figures = dict(n_sft=len(data.sft), n_pairs=len(data.pairs), n_prompts=len(data.prompts))
 
     # 2. The recipe's training steps, from the serving adapter (init: serving) or a fresh one (init: base).
@@ -255,6 +279,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
                "capability_pass_base_model": found.get("capability_pass_base_model")}
     if fell_back:
         figures["fell_back"] = fell_back  # what the full candidate failed; the figures above are the fallback's
+    figures["failed"] = _failed(verdict)
     gate = "pass" if verdict["passed"] else "fail"
 
     # 4. Publish atomically as version N, with the reward model the next cycle continues from.
@@ -273,7 +298,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
 
     # 5. Promote, or start a canary, through the gateway (or stop at `published` when there is none).
     if gate == "fail":
-        why = f"gate failed: {', '.join(_failed(verdict))}"
+        why = f"gate failed: {', '.join(figures['failed'])}"
         if fell_back:
             why += f" (PPO's fallback; the full candidate failed {', '.join(fell_back['failed'])})"
         cycles.advance(store, cycle_id, "rejected", error=why)

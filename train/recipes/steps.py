@@ -118,4 +118,5 @@ def ppo(run: Run) -> tuple[dict, dict]:
             "fallback_kl")
     reference = run.serving["version"] if run.reference is not None else "base"
     ptx = run.cfg.ptx_data if run.cfg.ppo.ptx_coef > 0 else None
-    return {**{k: metrics.get(k) for k in keys}, "reference": reference, "ptx_data": ptx, **chosen(metrics)}, {}
+    return {**{k: metrics.get(k) for k in keys}, "reference": reference, "ptx_data": ptx,
+            "ptx_coef": run.cfg.ppo.ptx_coef, **chosen(metrics)}, {}
