@@ -72,9 +72,10 @@ class CycleConfig:
     # 4 answers to each of 2 prompts a step, scored against each other, at lr 3e-4: against a frozen reward
     # model one answer per prompt learned nothing at 5e-5 and went past PPO's KL stop at 3e-4 (bench/RESULTS.md,
     # "PPO with 4 answers to each prompt").
-    # PPO-ptx (`ppo.ptx_coef`) is off: on plain_words it let the loop promote two cycles in a row, on second_person
-    # it held the policy to the skills set's short plain answers and the taste was not learned (bench/RESULTS.md,
-    # runs X, Y, N): a style the users did not ask for.
+    # PPO-ptx (`ppo.ptx_coef`) is off from the start: on plain_words it let the loop promote two cycles in a row, on
+    # second_person it held the policy to the skills set's short plain answers and the taste was not learned
+    # (bench/RESULTS.md, runs X, Y, N): a style the users did not ask for. It switches on once the capability
+    # guard has refused a candidate (`ptx_after_capability_loss`, below).
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4))
     # What PPO-ptx (`ppo.ptx_coef` > 0) mixes into PPO's updates: `skills`, the shipped general-skills set
     # (train/data/skills.jsonl: facts, arithmetic, short instructions, none of them the gate's capability
