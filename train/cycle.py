@@ -6,9 +6,10 @@ and records its figures and duration, so the dashboard can follow along. With a 
 (`cycle_minutes`) each step gets its recipe's share of the time left and sizes its own work to it from
 the speed it measures (train.budget); what it chose is recorded with its figures. The training steps
 leave the gate at least what it took per candidate in the last cycle (judging_seconds), and PPO as
-much again once it has a fallback for the gate to judge. The serving policy
-is touched only by the final call to the gateway's admin API (promote, or start a canary): a cycle
-that fails or is killed anywhere before it leaves what users see unchanged."""
+much again once it has a fallback for the gate to judge. Once the gate's capability checks have refused
+a candidate in the store, PPO mixes `ptx_data` into its updates (PPO-ptx, `ptx_after_capability_loss`).
+The serving policy is touched only by the final call to the gateway's admin API (promote, or start a
+canary): a cycle that fails or is killed anywhere before it leaves what users see unchanged."""
 
 from __future__ import annotations
 
