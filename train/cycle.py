@@ -189,7 +189,7 @@ def judging_seconds(store: Store) -> float | None:
 def capability_refused(store: Store) -> int | None:
     """The newest cycle whose candidate, or the full step of one whose fallback was judged instead, failed
     one of the gate's capability checks; None when none has."""
-    for row in cycles.list_cycles(store, limit=-1):
+    for row in cycles.list_cycles(store, limit=-1):  # -1: SQLite's "no limit", every cycle newest first
         gate = row["steps"].get("evaluating") or {}
         failed = set(gate.get("failed", [])) | set((gate.get("fell_back") or {}).get("failed", []))
         if failed & set(CAPABILITY_CHECKS):
