@@ -180,7 +180,8 @@ def test_a_candidate_that_moved_too_far_falls_back_to_ppos_shorter_step(tiny_mod
 
 def test_ppo_ptx_switches_on_once_the_guard_has_refused_capability(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
     """PPO runs with `ppo.ptx_coef` (0 here) until the gate's capability checks have refused a candidate, or the
-    full step of one whose fallback they judged instead; from then on at `ptx_after_capability_loss` (0: never)."""
+    full step of one whose fallback they judged instead; from then on at `ptx_after_capability_loss` (0: never).
+    A recipe without PPO does not say it switched ptx on."""
     coefs, real_ppo = [], steps_module.train_ppo
     monkeypatch.setattr(steps_module, "train_ppo", lambda *a, **kw: coefs.append(a[4].ptx_coef) or real_ppo(*a, **kw))
     store = Store(tmp_path / "loopchat.db")
@@ -196,12 +197,37 @@ def test_ppo_ptx_switches_on_once_the_guard_has_refused_capability(tiny_model_di
     before = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "ptx_coef": 0})
     refused = judged({"failed": ["kl"], "fell_back": {"failed": ["kl", "capability_pass_base"]}})
     after = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "ptx_coef": 0})
+    no_ppo = cycle(store, tiny_model_dir, tmp_path / "adapters", recipe="sft")
     never = cycle(store, tiny_model_dir, tmp_path / "adapters", ppo={**TINY["ppo"], "ptx_coef": 0}, ptx_after_capability_loss=0)
     assert coefs == [0, 0.2, 0]
     assert before["steps"]["ppo"]["ptx_loss_last"] is None and "ptx_since_cycle" not in before["steps"]["building_data"]
     assert after["steps"]["ppo"]["ptx_coef"] == 0.2 and after["steps"]["ppo"]["ptx_loss_last"] > 0
     assert after["steps"]["ppo"]["ptx_data"] == "skills" and after["steps"]["building_data"]["ptx_since_cycle"] == refused
+    assert no_ppo["state"] == "published" and "ptx_since_cycle" not in no_ppo["steps"]["building_data"]
     assert never["steps"]["ppo"]["ptx_loss_last"] is None
+
+
+def test_ppo_pays_for_kl_to_the_base_once_the_serving_version_is_near_the_gates_bound(fake_gateway, tiny_model_dir,  # noqa: F811
+                                                                                      tmp_path, monkeypatch):
+    """Less than one cycle's trust region (`gate.max_kl`) from `gate.max_kl_base`, PPO also pays
+    `kl_base_coef_near_bound` per nat of KL to the base; further away, or at 0, it does not."""
+    coefs, real_ppo = [], steps_module.train_ppo
+    monkeypatch.setattr(steps_module, "train_ppo", lambda *a, **kw: coefs.append(a[4].kl_base_coef) or real_ppo(*a, **kw))
+    store = fake_gateway.store
+    vote_shorter(store, 16)
+    first = cycle(store, tiny_model_dir, tmp_path / "adapters", fake_gateway.url)
+    assert first["state"] == "promoted", first["error"]
+    serving_kl_base = first["steps"]["evaluating"]["kl_base"]  # v1's, as its gate measured it; v1 keeps serving
+
+    def with_room(room: float, **overrides) -> dict:  # nats left below max_kl_base, against a max_kl of 10
+        gate = {**TINY["gate"], "max_kl": 10.0, "max_kl_base": serving_kl_base + room}
+        return cycle(store, tiny_model_dir, tmp_path / "adapters", gate=gate, **overrides)
+
+    far, near, off = with_room(10.5), with_room(9.5), with_room(9.5, kl_base_coef_near_bound=0)
+    assert coefs == [0, 0, 0.02, 0]
+    assert "serving_kl_base" not in far["steps"]["building_data"] and far["steps"]["ppo"]["kl_base_coef"] == 0
+    assert near["steps"]["building_data"]["serving_kl_base"] == serving_kl_base
+    assert near["steps"]["ppo"]["kl_base_coef"] == 0.02 and "serving_kl_base" not in off["steps"]["building_data"]
 
 
 def test_a_cycle_leaves_the_gate_what_the_last_one_took(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811

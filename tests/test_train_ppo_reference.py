@@ -7,6 +7,7 @@ from safetensors.torch import load_file
 
 import hardware
 from train import common
+from train.evaluate import GateConfig, evaluate_adapter
 from train.ppo import POLICY, REFERENCE, PPOConfig, load_policy, reference_model, train_ppo
 from loop_fixtures import random_adapter
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
@@ -44,6 +45,28 @@ def test_without_a_reference_adapter_the_base_is_the_reference(tiny_model_dir, t
     cfg = PPOConfig(steps=1, batch_size=4, minibatches=1, ppo_epochs=1, max_new_tokens=8)
     metrics = train_ppo(tiny_model_dir, PROMPTS, tmp_path / "ppo", rule_reward, cfg, init_adapter=serving, quiet=True)
     assert metrics["kl_first"] > 0.1 and metrics["kl_first"] == metrics["kl_base_first"] and metrics["reference"] == "base"
+
+
+def test_a_price_on_kl_to_the_base_pulls_the_policy_back_toward_it(tiny_model_dir, tmp_path):  # noqa: F811
+    """With no reward to chase, PPO from the serving adapter (its KL reference) drifts at random; with
+    `kl_base_coef` it gives back KL to the base model, as the gate measures it (exact per token: the
+    sampled estimate PPO logs is too noisy on a random tiny model to tell)."""
+    serving = serving_adapter(tiny_model_dir, tmp_path / "serving")
+    gate = GateConfig(max_prompts=16, batch_size=8, max_new_tokens=8, canaries=(), capabilities=None)
+
+    def kl_base(adapter) -> float:
+        prompts = [{"prompt": [{"role": "user", "content": p}]} for p in PROMPTS * 4]
+        verdict = evaluate_adapter(tiny_model_dir, adapter, prompts=prompts, baseline_adapter=serving, cfg=gate)
+        return verdict["checks"]["kl_base"]["value"]
+
+    def trained(coef: float) -> float:
+        cfg = PPOConfig(steps=6, batch_size=8, minibatches=1, ppo_epochs=2, max_new_tokens=8, lr=1e-2, dtype="float32",
+                        kl_base_coef=coef)
+        train_ppo(tiny_model_dir, PROMPTS, tmp_path / f"ppo-{coef}", lambda p, r: torch.zeros(len(r)), cfg,
+                  init_adapter=serving, reference_adapter=serving, quiet=True)
+        return kl_base(tmp_path / f"ppo-{coef}")
+
+    assert trained(3.0) < min(kl_base(serving), trained(0.0))
 
 
 def test_the_reference_is_frozen_and_switching_to_it_leaves_the_policy_trainable(tiny_model_dir, tmp_path):  # noqa: F811

@@ -7,7 +7,9 @@ and records its figures and duration, so the dashboard can follow along. With a 
 the speed it measures (train.budget); what it chose is recorded with its figures. The training steps
 leave the gate at least what it took per candidate in the last cycle (judging_seconds), and PPO as
 much again once it has a fallback for the gate to judge. Once the gate's capability checks have refused
-a candidate in the store, PPO mixes `ptx_data` into its updates (PPO-ptx, `ptx_after_capability_loss`).
+a candidate in the store, PPO mixes `ptx_data` into its updates (PPO-ptx, `ptx_after_capability_loss`);
+once the serving version is near the gate's bound on KL to the base model, PPO also pays for KL to the
+base (`kl_base_coef_near_bound`).
 The serving policy is touched only by the final call to the gateway's admin API (promote, or start a
 canary): a cycle that fails or is killed anywhere before it leaves what users see unchanged."""
 
@@ -30,6 +32,7 @@ from train import artifacts, recipes
 from train.best_of_n import BestOfNConfig
 from train.evaluate import CAPABILITY_CHECKS, GateConfig, evaluate_adapter
 from train.ppo import PPOConfig
+from train.recipes import steps
 from train.recipes.steps import Data, Run, chosen
 from train.reward import RewardConfig
 from train.sft import SFTConfig
@@ -84,12 +87,18 @@ class CycleConfig:
     # reward gain at zero and protected nothing); or the path of a JSONL of demonstrations.
     ptx_data: str = "skills"
     # PPO-ptx's weight once the gate's capability checks have refused a candidate in this store (or the full step
-    # of one whose fallback it judged instead): from then on every cycle mixes `ptx_data` into PPO at least at
-    # this weight (0: never). Until then PPO runs with `ppo.ptx_coef`. Why: ptx from the first cycle held a
+    # of one whose fallback it judged instead): from then on every cycle that runs PPO mixes `ptx_data` into it at
+    # least at this weight (0: never). Until then PPO runs with `ppo.ptx_coef`. Why: ptx from the first cycle held a
     # taste its set does not share to the set's style (run Y), but once a taste's next step costs capability
     # items, ptx 0.2 on the skills set let the same cycle pass the guard (bench/RESULTS.md, "PPO-ptx on a shipped
     # skills set") and `plain_words` promote twice in a row (run X). The alignment tax is paid when it shows.
     ptx_after_capability_loss: float = 0.2
+    # PPO's price per nat of KL to the base model (`ppo.kl_base_coef`) once the serving version is less than one
+    # cycle's trust region (`gate.max_kl`) from the gate's bound on it (`gate.max_kl_base`); 0: never. Why: each
+    # promotion adds 4-8 nats to the base, and a candidate past that bound is refused whatever else it gained.
+    # From run AF's v7 (33.3 nats), the same cycle without it went to 40.6 and was refused; at 0.02 it passed at 34.9
+    # with a reward gain; at 0.05 it fell back to 20.4 and lost the taste (bench/RESULTS.md, "A price on KL to the base").
+    kl_base_coef_near_bound: float = 0.02
     gate: GateConfig = field(default_factory=GateConfig)
 
     def __post_init__(self):
@@ -100,6 +109,8 @@ class CycleConfig:
             raise ValueError(f"end_at must be one of {', '.join(ENDS)}, not {self.end_at!r}")
         if self.ptx_data not in PTX_SETS and not Path(self.ptx_data).is_file():
             raise ValueError(f"ptx_data must be {' or '.join(PTX_SETS)} or a JSONL file, not {self.ptx_data!r}")
+        if self.kl_base_coef_near_bound < 0:
+            raise ValueError(f"kl_base_coef_near_bound must be 0 or more, not {self.kl_base_coef_near_bound!r}")
         if self.ptx_after_capability_loss < 0:
             raise ValueError(f"ptx_after_capability_loss must be 0 or more, not {self.ptx_after_capability_loss!r}")
         if not 0 < self.canary_share < 1:
@@ -239,7 +250,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
                 "n_prompts": len(data.prompts)}
     figures = {"heldout_pairs": len(data.heldout_pairs), "heldout_prompts": len(data.heldout_prompts),
                "recipe": cfg.recipe, "init": cfg.init}
-    refused = capability_refused(store)
+    refused = capability_refused(store) if steps.ppo in recipe.STEPS else None
     if refused is not None and cfg.ptx_after_capability_loss > cfg.ppo.ptx_coef:
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=cfg.ptx_after_capability_loss))
         figures["ptx_since_cycle"] = refused  # PPO-ptx on: that cycle's candidate lost capability
@@ -247,6 +258,11 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
 
     # 2. The recipe's training steps, from the serving adapter (init: serving) or a fresh one (init: base).
     continued = serving["path"] if serving and cfg.init == "serving" else None
+    kl_base = continued and serving["manifest"].get("metrics", {}).get("kl_base")  # as the gate measured it
+    near_bound = kl_base is not None and cfg.gate.max_kl_base - kl_base < cfg.gate.max_kl
+    if near_bound and steps.ppo in recipe.STEPS and cfg.kl_base_coef_near_bound > cfg.ppo.kl_base_coef:
+        cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, kl_base_coef=cfg.kl_base_coef_near_bound))
+        figures["serving_kl_base"] = kl_base  # PPO pulls toward the base: the serving version is near its bound
     run = Run(cfg=cfg, work=work, data=data, serving=serving, budgeted=budgeted, policy=continued, reference=continued)
     for step in recipe.STEPS:
         step_done(step.__name__, figures, **row_figures)

@@ -9,7 +9,8 @@ One step:
   3. the policy's log-probs at the same temperature, values and entropy are taken from the sampling
      pass itself (see Sampler); one no-grad pass of the reference and, when the reference is not the
      base model, one of the base model;
-  4. per-token reward = -kl_coef * (logp - logp_ref), plus the score at the last token;
+  4. per-token reward = -kl_coef * (logp - logp_ref) - kl_base_coef * (logp - logp_base), plus the
+     score at the last token;
      GAE with gamma=1, lambda=0.95; advantages whitened over the batch;
   5. `ppo_epochs` passes over `minibatches` minibatches of the clipped policy loss plus the
      clipped value loss, plus, with `ptx_coef` > 0, `ptx_coef` times the SFT loss on a batch of
@@ -91,6 +92,10 @@ class PPOConfig:
     target_kl: float | None = None  # nats per response; set it for an adaptive coefficient
     kl_horizon: int = 10_000
     kl_stop: float = 8.0  # nats per response above the starting adapter's KL: beyond it training stops
+    # A second per-token penalty, on the KL to the base model (0: off; with the base as the reference it adds to
+    # kl_coef). The cycle sets it for a serving version near the gate's bound on KL to the base (train.cycle):
+    # PPO then gives back drift that earns no reward while it chases the reward, rather than step past that bound.
+    kl_base_coef: float = 0.0
     # Nats per response above the starting KL: when the run goes further, the last policy within it is also
     # saved, in `out_dir/fallback`: a shorter step the cycle can offer the gate when the full one moved too far
     # (see train.cycle). None: no fallback.
@@ -121,6 +126,8 @@ class PPOConfig:
             raise ValueError(f"samples_per_prompt must divide batch_size ({self.batch_size}), not {self.samples_per_prompt!r}")
         if not self.temperature > 0:
             raise ValueError(f"PPO samples its rollouts: temperature must be positive, not {self.temperature!r}")
+        if self.kl_base_coef < 0:
+            raise ValueError(f"kl_base_coef must be 0 or more, not {self.kl_base_coef!r}")
         if self.fallback_kl is not None and not self.fallback_kl > 0:
             raise ValueError(f"fallback_kl must be positive or None, not {self.fallback_kl!r}")
 
@@ -416,7 +423,7 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
         kl_base = (logprobs - base_logprobs) * mask
     else:
         kl_base = kl
-    rewards = token_rewards(scores, kl, mask, kl_coef)
+    rewards = token_rewards(scores, kl, mask, kl_coef) - cfg.kl_base_coef * kl_base
     adv, returns = gae(rewards, values, mask, cfg.gamma, cfg.lam)
     return {
         **batch,

@@ -119,4 +119,4 @@ def ppo(run: Run) -> tuple[dict, dict]:
     reference = run.serving["version"] if run.reference is not None else "base"
     ptx = run.cfg.ptx_data if run.cfg.ppo.ptx_coef > 0 else None
     return {**{k: metrics.get(k) for k in keys}, "reference": reference, "ptx_data": ptx,
-            "ptx_coef": run.cfg.ppo.ptx_coef, **chosen(metrics)}, {}
+            "ptx_coef": run.cfg.ppo.ptx_coef, "kl_base_coef": run.cfg.ppo.kl_base_coef, **chosen(metrics)}, {}
