@@ -116,10 +116,12 @@ def test_cycles_table_has_the_learning_columns_and_blank_cells_for_old_rows():
     assert new["capability"] == "pass 0.80 (was 0.85), loglik -1.23 (was -1.20)" and old["capability"] == ""
 
 
-def test_the_sizes_cell_says_what_each_step_ran_and_ppo_ptxs_weight_when_it_was_on():
+def test_the_sizes_cell_says_what_each_step_ran_and_what_ppo_paid_when_it_did():
     ran = {**NEW_CYCLE, "budget_s": 600, "steps": {**NEW_CYCLE["steps"], "ppo": {"steps": 6, "ptx_coef": 0.2}}}
-    without = {**ran, "steps": {**ran["steps"], "ppo": {"steps": 6, "ptx_coef": 0}}}
+    both = {**ran, "steps": {**ran["steps"], "ppo": {"steps": 6, "ptx_coef": 0.2, "kl_base_coef": 0.02}}}
+    without = {**ran, "steps": {**ran["steps"], "ppo": {"steps": 6, "ptx_coef": 0, "kl_base_coef": 0}}}
     assert operator_tab.cycle_row(ran)["sizes"] == "10 min: rm 40, ppo 6 with ptx 0.2, gate 24"
+    assert operator_tab.cycle_row(both)["sizes"] == "10 min: rm 40, ppo 6 with ptx 0.2 and KL-to-base price 0.02, gate 24"
     assert operator_tab.cycle_row(without)["sizes"] == "10 min: rm 40, ppo 6, gate 24"
     assert operator_tab.cycle_row(OLD_CYCLE)["sizes"] == ""
 

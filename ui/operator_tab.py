@@ -25,11 +25,12 @@ SIZES = (("sft", "sft", "steps"), ("reward_model", "rm", "steps"), ("best_of_n",
 
 
 def sizes(cycle: dict) -> str:
-    """What each step ran, after the cycle's time budget if it had one, and PPO-ptx's weight when it was mixed in:
-    "10 min: sft 12, rm 40, ppo 6 with ptx 0.2, gate 24"."""
+    """What each step ran, after the cycle's time budget if it had one, and what PPO paid besides the reward when it
+    did (PPO-ptx's weight, the price of a nat of KL to the base): "10 min: sft 12, rm 40, ppo 6 with ptx 0.2, gate 24"."""
     steps = cycle.get("steps") or {}
-    ptx = (steps.get("ppo") or {}).get("ptx_coef")
-    ran = [f"{name} {steps[step][key]}" + (f" with ptx {ptx:g}" if step == "ppo" and ptx else "")
+    ppo = steps.get("ppo") or {}
+    extras = [f"{what} {ppo[key]:g}" for key, what in (("ptx_coef", "ptx"), ("kl_base_coef", "KL-to-base price")) if ppo.get(key)]
+    ran = [f"{name} {steps[step][key]}" + (" with " + " and ".join(extras) if step == "ppo" and extras else "")
            for step, name, key in SIZES if steps.get(step, {}).get(key) is not None]
     budget = f"{cycle['budget_s'] / 60:g} min: " if cycle.get("budget_s") else ""
     return budget + ", ".join(ran)
