@@ -224,10 +224,10 @@ def test_ppo_pays_for_kl_to_the_base_once_the_serving_version_is_near_the_gates_
         return cycle(store, tiny_model_dir, tmp_path / "adapters", gate=gate, **overrides)
 
     far, near, off = with_room(10.5), with_room(9.5), with_room(9.5, kl_base_coef_near_bound=0)
-    assert coefs == [0, 0, 0.02, 0]
+    assert coefs == [0, 0, 0.01, 0]
     assert "serving_kl_base" not in far["steps"]["building_data"] and far["steps"]["ppo"]["kl_base_coef"] == 0
     assert near["steps"]["building_data"]["serving_kl_base"] == serving_kl_base
-    assert near["steps"]["ppo"]["kl_base_coef"] == 0.02 and "serving_kl_base" not in off["steps"]["building_data"]
+    assert near["steps"]["ppo"]["kl_base_coef"] == 0.01 and "serving_kl_base" not in off["steps"]["building_data"]
 
 
 def test_a_cycle_leaves_the_gate_what_the_last_one_took(tiny_model_dir, tmp_path, monkeypatch):  # noqa: F811
