@@ -32,8 +32,7 @@ from train import artifacts, recipes
 from train.best_of_n import BestOfNConfig
 from train.evaluate import CAPABILITY_CHECKS, GateConfig, evaluate_adapter
 from train.ppo import PPOConfig
-from train.recipes import steps
-from train.recipes.steps import Data, Run, chosen
+from train.recipes.steps import Data, Run, chosen, ppo as ppo_step
 from train.reward import RewardConfig
 from train.sft import SFTConfig
 
@@ -252,7 +251,8 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
                 "n_prompts": len(data.prompts)}
     figures = {"heldout_pairs": len(data.heldout_pairs), "heldout_prompts": len(data.heldout_prompts),
                "recipe": cfg.recipe, "init": cfg.init}
-    refused = capability_refused(store) if steps.ppo in recipe.STEPS else None
+    runs_ppo = ppo_step in recipe.STEPS
+    refused = capability_refused(store) if runs_ppo else None
     if refused is not None and cfg.ptx_after_capability_loss > cfg.ppo.ptx_coef:
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, ptx_coef=cfg.ptx_after_capability_loss))
         figures["ptx_since_cycle"] = refused  # PPO-ptx on: that cycle's candidate lost capability
@@ -262,7 +262,7 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     continued = serving["path"] if serving and cfg.init == "serving" else None
     kl_base = continued and serving["manifest"].get("metrics", {}).get("kl_base")  # as the gate measured it
     near_bound = kl_base is not None and cfg.gate.max_kl_base - kl_base < cfg.gate.max_kl
-    if near_bound and steps.ppo in recipe.STEPS and cfg.kl_base_coef_near_bound > cfg.ppo.kl_base_coef:
+    if near_bound and runs_ppo and cfg.kl_base_coef_near_bound > cfg.ppo.kl_base_coef:
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, kl_base_coef=cfg.kl_base_coef_near_bound))
         figures["serving_kl_base"] = kl_base  # PPO pulls toward the base: the serving version is near its bound
     run = Run(cfg=cfg, work=work, data=data, serving=serving, budgeted=budgeted, policy=continued, reference=continued)
