@@ -11,6 +11,7 @@ import os
 import socket
 import sqlite3
 import time
+from pathlib import Path
 
 from feedback.store import Store
 
@@ -173,17 +174,23 @@ def engine_name(version: str) -> str:
     return f"policy-{version}"
 
 
-def record_adapter(store: Store, version: str, path: str, manifest: dict, cycle_id: int | None = None) -> None:
-    store.db["adapters"].upsert({"version": version, "path": path, "parent": manifest.get("parent_version"),
+def record_adapter(store: Store, version: str, path: str | Path, manifest: dict, cycle_id: int | None = None) -> None:
+    """An adapter inside the data directory is recorded relative to it, so that the directory can be
+    moved, restored from a backup or mounted elsewhere (a container's volume) and still serve."""
+    path = Path(path).resolve()
+    stored = path.relative_to(store.home) if path.is_relative_to(store.home) else path
+    store.db["adapters"].upsert({"version": version, "path": str(stored), "parent": manifest.get("parent_version"),
                                  "created_at": time.time(), "cycle_id": cycle_id,
                                  "manifest": json.dumps(manifest)}, pk="version")
 
 
 def get_adapter(store: Store, version: str) -> dict | None:
+    """The adapter's row, its `path` absolute wherever the data directory is now."""
     rows = store.rows("SELECT * FROM adapters WHERE version = ?", [version])
     if not rows:
         return None
     row = dict(rows[0])
+    row["path"] = str(store.home / row["path"])
     row["manifest"] = json.loads(row["manifest"] or "{}")
     return row
 

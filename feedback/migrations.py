@@ -6,6 +6,7 @@ a database made by any earlier version upgrades in place and keeps its rows.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Callable
 
 import sqlite_utils
@@ -205,6 +206,18 @@ def v6_canaries(db: sqlite_utils.Database) -> None:
     db.execute("CREATE UNIQUE INDEX one_running_canary ON canaries ((1)) WHERE ended_at IS NULL")
 
 
+def v7_adapter_paths_relative_to_the_data_dir(db: sqlite_utils.Database) -> None:
+    """Adapters recorded with an absolute path inside the data directory get one relative to it,
+    so that the directory can be moved (feedback.cycles.record_adapter records new ones so)."""
+    file = db.execute("PRAGMA database_list").fetchone()[2]
+    if not file:  # an in-memory database has no directory
+        return
+    home = Path(file).resolve().parent
+    for version, path in db.execute("SELECT version, path FROM adapters").fetchall():
+        if Path(path).is_absolute() and Path(path).is_relative_to(home):
+            db["adapters"].update(version, {"path": str(Path(path).relative_to(home))})
+
+
 MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     v1_completions_and_keys,
     v2_feedback,
@@ -212,6 +225,7 @@ MIGRATIONS: list[Callable[[sqlite_utils.Database], None]] = [
     v4_cycle_budget,
     v5_rankings,
     v6_canaries,
+    v7_adapter_paths_relative_to_the_data_dir,
 ]
 
 

@@ -58,6 +58,7 @@ class Store:
     def __init__(self, path: str | Path, *, upto: int | None = None):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.home = self.path.parent.resolve()  # the data directory: stored file paths are relative to it
         self._local = threading.local()
         self.version = migrate(self.db, upto)
 

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import shutil
 import sqlite3
 import threading
 
 import pytest
 
-from feedback import Store
+from feedback import Store, cycles
 from feedback.errors import Invalid, NotFound, NotYours
 from feedback.migrations import MIGRATIONS
 from feedback_fixtures import add_completion
@@ -58,6 +59,35 @@ def test_processes_opening_a_new_file_at_once_migrate_it_once(tmp_path):
     for t in threads:
         t.join()
     assert errors == [] and {s.version for s in stores} == {len(MIGRATIONS)}
+
+
+def test_a_moved_data_dir_still_finds_the_adapters_inside_it(tmp_path):
+    """Adapters in the data dir are found where the dir is now (moved, restored, mounted elsewhere);
+    one recorded from outside it keeps its absolute path."""
+    home = tmp_path / "data"
+    store = Store(home / "loopchat.db")
+    cycles.record_adapter(store, "v1", home / "adapters" / "v1", {"version": 1})
+    cycles.record_adapter(store, "v2", tmp_path / "elsewhere" / "v2", {"version": 2})
+    assert cycles.get_adapter(store, "v1")["path"] == str(home / "adapters" / "v1")
+    del store
+    shutil.move(home, tmp_path / "moved")
+
+    moved = Store(tmp_path / "moved" / "loopchat.db")
+    assert [a["path"] for a in cycles.list_adapters(moved)] == [str(tmp_path / "moved" / "adapters" / "v1"),
+                                                                  str(tmp_path / "elsewhere" / "v2")]
+
+
+def test_adapters_recorded_with_absolute_paths_become_movable_on_upgrade(tmp_path):
+    home = tmp_path / "data"
+    old = Store(home / "loopchat.db", upto=6)
+    for version, path in (("v1", home / "adapters" / "v1"), ("v2", tmp_path / "elsewhere" / "v2")):
+        old.db["adapters"].insert({"version": version, "path": str(path), "created_at": 0.0, "manifest": "{}"})
+    del old
+
+    new = Store(home / "loopchat.db")
+    assert new.rows("SELECT path FROM adapters ORDER BY version") == [
+        {"path": "adapters/v1"}, {"path": str(tmp_path / "elsewhere" / "v2")}]
+    assert cycles.get_adapter(new, "v1")["path"] == str(home / "adapters" / "v1")
 
 
 def test_feedback_is_one_row_per_user_and_completion_with_the_latest_vote(store):

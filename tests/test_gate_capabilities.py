@@ -99,7 +99,7 @@ def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sa
         tiny_model_dir, adapters, capability_file, monkeypatch, tmp_path):  # noqa: F811
     """A version judged as the candidate keeps its figures in the cache folder, under its weights' digest,
     for the gate (in this process or the next) that judges the next candidate against it; sampled again,
-    they are the same. The folder keeps the newest KEEP_PASS_RATES."""
+    they are the same, wherever the model lies. The folder keeps the newest KEEP_PASS_RATES."""
     samples = []
     real = evaluate._samples
     monkeypatch.setattr(evaluate, "_samples", lambda *a, **k: samples.append(len(a[2])) or real(*a, **k))
@@ -111,12 +111,14 @@ def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sa
     for x in first["capability_lost"]:
         assert x["pass_rate"] in (0, 1 / 3) and x["baseline_pass_rate"] - x["pass_rate"] >= evaluate.LOST_BY
     samples.clear()
-    # one_word now serves; a candidate with the same weights in another folder is judged against it
+    # one_word now serves; a candidate with the same weights in another folder is judged against it, on a
+    # copy of the base model elsewhere (a moved data dir)
     copy = adapters.parent / "one_word_copy"
     if not copy.exists():
         shutil.copytree(adapters / "one_word", copy)
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved" / "model")
     cfg = GateConfig(**{**FAST, "capabilities": str(capability_file), "capability_samples": 3, "cache_dir": str(cache)})
-    second = evaluate_adapter(tiny_model_dir, copy, prompts=[it["prompt"] for it in ITEMS], baseline_adapter=adapters / "one_word",
+    second = evaluate_adapter(moved, copy, prompts=[it["prompt"] for it in ITEMS], baseline_adapter=adapters / "one_word",
                               cfg=cfg)
     assert sum(samples) == len(ITEMS)  # held-out answers only: all three's capability answers came from the first gate
     assert second["figures"]["capability_pass_baseline"] == first["checks"]["capability_pass"]["value"]

@@ -1,9 +1,11 @@
 """The reward model's grouped loss, warm start, label smoothing and accuracy interval (fast, tiny Llama)."""
 
 import json
+import shutil
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from train.reward import (FEATURES_FILE, STATS_FILE, GroupBatches, RewardConfig, RewardModel, pairwise_loss, read_pairs,
                           train_reward_model, wilson_interval)
@@ -126,13 +128,15 @@ def test_warm_start_continues_the_earlier_model(grouped_run, tiny_model_dir, tmp
 
 def test_a_probe_reads_only_the_answers_its_predecessor_did_not(tiny_model_dir, tmp_path):
     """A probe-only reward model saves the states it read; the next one, warm-started, reads only the
-    new answers and ends where one trained from scratch on everything ends."""
+    new answers and ends where one trained from scratch on everything ends — also from a copy of the
+    base model elsewhere (a moved data dir), but not from a base model with other weights."""
     cfg = RewardConfig(epochs=0)
     first, more = ranking("apple") + ranking("river"), ranking("stone") + [lone("cloud")]
     held = ranking("tiger")
     before = train_reward_model(tiny_model_dir, first, tmp_path / "first", cfg, eval_records=held, quiet=True)
     assert before["probe_answers"] == before["probe_answers_read"] == 8 and (tmp_path / "first" / FEATURES_FILE).is_file()
-    warm = train_reward_model(tiny_model_dir, first + more, tmp_path / "warm", cfg, init_from=tmp_path / "first",
+    moved = shutil.copytree(tiny_model_dir, tmp_path / "moved" / "model")
+    warm = train_reward_model(moved, first + more, tmp_path / "warm", cfg, init_from=tmp_path / "first",
                               eval_records=held, quiet=True)
     assert warm["probe_answers"] == 14 and warm["probe_answers_read"] == 6  # the new ranking's 4 and the lone pair's 2
     scratch = train_reward_model(tiny_model_dir, first + more, tmp_path / "scratch", cfg, eval_records=held, quiet=True)
@@ -147,3 +151,11 @@ def test_a_probe_reads_only_the_answers_its_predecessor_did_not(tiny_model_dir, 
     after = train_reward_model(tiny_model_dir, first + more + ranking("piano"), tmp_path / "after", cfg,
                                init_from=tmp_path / "stepped", eval_records=held, quiet=True)
     assert after["probe_answers_read"] == 18
+    other = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with torch.no_grad():
+        other.get_input_embeddings().weight[0, 0] += 1.0
+    other.save_pretrained(tmp_path / "other")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "other")
+    elsewhere = train_reward_model(tmp_path / "other", first + more, tmp_path / "elsewhere", cfg,
+                                   init_from=tmp_path / "first", eval_records=held, quiet=True)
+    assert elsewhere["probe_answers_read"] == 14

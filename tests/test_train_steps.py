@@ -8,7 +8,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from feedback import Store
+from feedback import Store, cycles
 from train import common
 from train.artifacts import check_adapter, list_versions, load_manifest
 from train.evaluate import GateConfig, evaluate_adapter
@@ -255,8 +255,8 @@ def test_cli_steps_chain_and_publish(cli, tiny_model_dir, rm_run, tmp_path):
                  "--steps", "1", "--batch-size", "2", "--max-new-tokens", "4", "--out", tmp_path / "ppo", "--publish", "-q")
     assert result.exit_code == 0, result.output
     assert list_versions(tmp_path / "adapters") == [1, 2] and load_manifest(tmp_path / "adapters" / "v2")["parent_version"] == 1
-    recorded = Store(tmp_path / "loopchat.db").rows("SELECT version, path FROM adapters ORDER BY version")
-    assert recorded == [{"version": f"v{n}", "path": str(tmp_path / "adapters" / f"v{n}")} for n in (1, 2)]  # promotable
+    recorded = [(a["version"], a["path"]) for a in cycles.list_adapters(Store(tmp_path / "loopchat.db"))]
+    assert recorded == [(f"v{n}", str(tmp_path / "adapters" / f"v{n}")) for n in (1, 2)]  # promotable
     # Judged against itself as the serving baseline, it gains exactly 0 and finishes its canaries as often: the gate passes.
     v2 = tmp_path / "adapters" / "v2"
     result = cli("eval", *base, "--adapter", v2, "--baseline", v2, "--reward-model", rm_dir, "--prompts", prompts, "--max-new-tokens", "8")

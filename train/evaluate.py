@@ -215,10 +215,11 @@ def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se:
 KEEP_PASS_RATES = 16  # files of capability answers kept in `cache_dir`, the newest
 
 
-def _weights_digest(adapter_dir: Path | None) -> tuple[str, ...] | None:
-    if adapter_dir is None:
+def _weights_digest(weights_dir: Path | None) -> tuple[str, ...] | None:
+    """What a model's or adapter's answers depend on in its directory, not where the directory is."""
+    if weights_dir is None:
         return None
-    return tuple(artifacts.sha256(f) for f in sorted(Path(adapter_dir).glob("adapter_model.*")))
+    return tuple(artifacts.sha256(f) for f in sorted(Path(weights_dir).iterdir()) if f.suffix in (".safetensors", ".bin"))
 
 
 def _pass_rates(model, tokenizer, items, cfg: GateConfig, name: str | None, key: tuple) -> tuple[torch.Tensor, list[list[str]]]:
@@ -259,7 +260,7 @@ def _capabilities(model, tokenizer, cfg: GateConfig, model_dir, adapter_dirs: di
         why = f"no items in {cfg.capabilities}"
         return {k: _skipped(why) for k in CAPABILITY_CHECKS}, {}, []
     loglik = {name: _reference_loglik(model, tokenizer, items, name, cfg.batch_size) for name in names}
-    setup = (str(model_dir), json.dumps(items), cfg.capability_samples, cfg.temperature, cfg.capability_max_new_tokens,
+    setup = (_weights_digest(model_dir), json.dumps(items), cfg.capability_samples, cfg.temperature, cfg.capability_max_new_tokens,
              cfg.seed, cfg.dtype, str(model.device))
     rates, answers = {}, {}
     for name in names:

@@ -423,7 +423,7 @@ def train_reward_model(
     old = [g for g in batches.groups if all(keys[i] in seen for i in g)]
     replayed = random.Random(cfg.seed).sample(old, min(len(old), round(cfg.replay * len(new))))
     trained = new + replayed
-    fingerprint = _fingerprint(model, model_dir, cfg, dtype)
+    fingerprint = _fingerprint(model, cfg, dtype)
     known = _load_features(init_from, fingerprint) if init_from is not None else {}
     probe_started = time.monotonic()
     probe = fit_probe(model, batches, cfg, tokenizer.pad_token_id, device, known) if cfg.probe_l2 is not None and new else {}
@@ -499,14 +499,15 @@ def train_reward_model(
     return metrics
 
 
-def _fingerprint(model, model_dir, cfg: RewardConfig, dtype) -> str:
-    """What an answer's states depend on besides its text: the base model, the LoRA weights, the
-    dtype, the pool and the truncation."""
-    h = hashlib.sha256(json.dumps([str(Path(model_dir).resolve()), str(dtype), cfg.pool, cfg.max_len]).encode())
+def _fingerprint(model, cfg: RewardConfig, dtype) -> str:
+    """What an answer's states depend on besides its text: the weights below the `score` head (base
+    and LoRA), the dtype, the pool and the truncation. Not where the model lies, so a data dir that
+    was moved or copied keeps its states (hashing the 135M model's weights takes a fraction of a second)."""
+    h = hashlib.sha256(json.dumps([str(dtype), cfg.pool, cfg.max_len]).encode())
     for name, p in model.named_parameters():
-        if "lora_" in name:
+        if "score" not in name:
             h.update(name.encode())
-            h.update(p.detach().float().cpu().numpy().tobytes())
+            h.update(p.detach().cpu().contiguous().view(torch.uint8).numpy())
     return h.hexdigest()[:24]
 
 
