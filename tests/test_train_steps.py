@@ -181,7 +181,8 @@ def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, r
 
 def test_gate_judges_only_on_enough_evidence(tiny_model_dir, sft_run, rm_run):
     """Too few held-out pairs: RM accuracy is reported, not judged. The reward gain fails only
-    when the candidate is worse by more than `gain_tolerance_se` standard errors."""
+    unless the candidate gains `gain_margin_se` standard errors over `min_reward_gain`: by default one
+    (measurably better); a negative margin lets it fall short by that many."""
     sft_dir, _ = sft_run
     rm_dir, _ = rm_run
     cfg = GateConfig(max_new_tokens=8, canaries=(), min_rm_accuracy=1.01, min_heldout_pairs=len(PAIRS) + 1)
@@ -193,12 +194,14 @@ def test_gate_judges_only_on_enough_evidence(tiny_model_dir, sft_run, rm_run):
     assert enough["checks"]["rm_accuracy"]["passed"] is False
 
     gain, se = few["checks"]["reward_gain"]["value"], few["figures"]["reward_gain_se"]
-    assert se > 0 and few["checks"]["reward_gain"]["threshold"] == pytest.approx(-se)
+    assert se > 0 and few["checks"]["reward_gain"]["threshold"] == pytest.approx(se)
+    assert few["checks"]["reward_gain"]["passed"] is (gain >= se)
     within = {**cfg.__dict__, "min_reward_gain": gain + se / 2}  # above the gain, within one standard error
-    assert evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS,
-                            cfg=GateConfig(**within))["checks"]["reward_gain"]["passed"]
+    lenient = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS,
+                               cfg=GateConfig(**{**within, "gain_margin_se": -1.0}))
+    assert lenient["checks"]["reward_gain"]["passed"]
     exact = evaluate_adapter(tiny_model_dir, sft_dir, reward_model=rm_dir, prompts=PROMPTS,
-                             cfg=GateConfig(**{**within, "gain_tolerance_se": 0.0}))
+                             cfg=GateConfig(**{**within, "gain_margin_se": 0.0}))
     assert exact["checks"]["reward_gain"]["passed"] is False
 
 
