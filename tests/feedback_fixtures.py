@@ -17,9 +17,9 @@ def add_completion(store: Store, completion_id: str, user: str = "alice", prompt
     return completion_id
 
 
-def vote_shorter(store: Store, n: int) -> None:
-    """n comparisons, each voted for its shorter answer."""
-    for i in range(n):
+def vote_shorter(store: Store, n: int, start: int = 0) -> None:
+    """n comparisons (questions start .. start + n - 1), each voted for its shorter answer."""
+    for i in range(start, start + n):
         prompt = f"Question {i}: what is {i} plus {i}?"
         a = add_completion(store, f"a{i}", prompt=prompt, answers=(f"{2 * i}.",))
         b = add_completion(store, f"b{i}", prompt=prompt, answers=(f"Well, {i} plus {i} needs a long think first.",))

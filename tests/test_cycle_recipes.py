@@ -1,6 +1,5 @@
 """Whole cycles on a tiny random Llama in front of the in-process gateway (fake engine): the rlhf
-recipe continues the serving version (PPO's KL and the gate's `kl` against it, its reward model warm
-started from the one published with it) and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
+recipe continues the serving version (PPO's KL and the gate's `kl` against it) and the newest reward model and may end at a canary; the sft recipe runs no PPO; the bon recipe runs best-of-n between the reward model and PPO; `init:
 base` starts every cycle from the base model; a candidate that fails the gate only for moving too far has
 PPO's shorter step judged instead; `ptx_data` says what PPO-ptx mixes in, and PPO-ptx switches on once the
 capability guard has refused a candidate."""
@@ -88,12 +87,21 @@ def test_sft_recipe_runs_no_ppo_and_init_base_starts_from_the_base(tiny_model_di
     assert manifest["hyperparameters"]["recipe"] == "sft" and "ppo" not in manifest["metrics"]
 
     cycles.record_promotion(store, "v1", "promote", "test")  # v1 serves
-    based = cycle(store, tiny_model_dir, adapters, init="base")
+    probe_only = {**TINY["rm"], "epochs": 0}  # a probe alone keeps the states it read for the next one
+    vote_shorter(store, 4, start=16)
+    based = cycle(store, tiny_model_dir, adapters, init="base", rm=probe_only)
     assert based["state"] == "published", based["error"]
     steps = based["steps"]
     assert steps["building_data"]["init"] == "base" and steps["ppo"]["reference"] == "base"
     assert steps["reward_model"]["init_from"] == "v1"  # the reward model continues either way
     assert artifacts.load_manifest(adapters / "v2")["gate"]["figures"]["baseline"] == "serving adapter"
+
+    # v2 was published, not promoted: the next reward model continues v2's, the newest, and reads only new answers
+    vote_shorter(store, 4, start=20)
+    third = cycle(store, tiny_model_dir, adapters, rm=probe_only)
+    rm = third["steps"]["reward_model"]
+    assert cycles.serving_version(store)[0] == "v1" and rm["init_from"] == "v2", third["error"]
+    assert 0 < rm["probe_answers_read"] < rm["probe_answers"]
 
 
 @pytest.mark.parametrize("share", [0.0, 1.0])

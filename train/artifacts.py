@@ -6,7 +6,7 @@
                                            hyperparameters, metrics, gate verdict, sha256 of files
     adapters/v3/reward_model/              the reward model the cycle trained beside it (optional):
                                            the next cycle's reward model continues from the
-                                           serving version's (train.reward's `init_from`)
+                                           newest one (train.reward's `init_from`)
 
 Publishing is atomic: the files are written and fsynced in a hidden temp folder in the same
 parent, then the folder is renamed to `v{N}` (a rename within one file system is atomic).

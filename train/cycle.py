@@ -266,7 +266,8 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if near_bound and runs_ppo and cfg.kl_base_coef_near_bound > cfg.ppo.kl_base_coef:
         cfg = dataclasses.replace(cfg, ppo=dataclasses.replace(cfg.ppo, kl_base_coef=cfg.kl_base_coef_near_bound))
         figures["serving_kl_base"] = kl_base  # PPO pulls toward the base: the serving version is near its bound
-    run = Run(cfg=cfg, work=work, data=data, serving=serving, budgeted=budgeted, policy=continued, reference=continued)
+    run = Run(cfg=cfg, work=work, data=data, serving=serving, reward_from=_newest_reward_model(store),
+              budgeted=budgeted, policy=continued, reference=continued)
     for step in recipe.STEPS:
         step_done(step.__name__, figures, **row_figures)
         figures, row_figures = step(run)
@@ -348,6 +349,18 @@ def _failed(verdict: dict) -> list[str]:
 def _serving_adapter(store: Store) -> dict | None:
     version, _ = cycles.serving_version(store)
     return cycles.get_adapter(store, version) if version else None
+
+
+def _newest_reward_model(store: Store) -> dict | None:
+    """The newest published version that kept a reward model, promoted or not. A reward model is trained on
+    the pooled pairs, not on the policy the gate judged: continuing the newest one reads only the answers it
+    has not read. Continuing the serving version's instead made every cycle after a rejected one read all
+    pooled answers again (bench/RESULTS.md: 4,083-4,690 answers, 250-300 s of a 600 s cycle, so PPO got
+    5-17 steps instead of ~24)."""
+    for row in reversed(cycles.list_adapters(store)):
+        if artifacts.reward_model_dir(row["path"]) is not None:
+            return row
+    return None
 
 
 def _ids(records: list[dict]) -> list[str]:

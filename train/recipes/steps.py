@@ -36,6 +36,9 @@ class Run:
     work: Path  # the cycle's scratch folder
     data: Data
     serving: dict | None  # the serving version's adapter row (None: the base model serves)
+    # The newest published version with a reward model, whatever the gate said of its policy: the reward
+    # model continues from it (None: none yet).
+    reward_from: dict | None
     budgeted: Callable[[str, Any], Any]  # (state, step config) -> the config with its share of the time left
     policy: Path | None = None  # the adapter the next step continues from; None: a fresh LoRA on the base
     # A shorter step than `policy` (PPO's fallback, train.ppo.FALLBACK), set by the last step only: what the
@@ -67,9 +70,9 @@ def sft(run: Run) -> tuple[dict, dict]:
 
 
 def reward_model(run: Run) -> tuple[dict, dict]:
-    """The reward model on the pairs (Bradley-Terry), continuing the serving version's when it has one;
+    """The reward model on the pairs (Bradley-Terry), continuing the newest published one (`run.reward_from`);
     accuracy on the held-out pairs."""
-    init_from = artifacts.reward_model_dir(run.serving["path"]) if run.serving else None
+    init_from = artifacts.reward_model_dir(run.reward_from["path"]) if run.reward_from else None
     out = run.work / "rm"
     metrics = train_reward_model(run.cfg.model_dir, run.data.pairs, out, run.budgeted("reward_model", run.cfg.rm),
                                  eval_records=run.data.heldout_pairs or None, init_from=init_from, quiet=True)
@@ -78,7 +81,7 @@ def reward_model(run: Run) -> tuple[dict, dict]:
     figures = {k: metrics.get(k) for k in ("accuracy", "accuracy_ci95", "eval_pairs", "train_accuracy", "steps",
                                            "new_pairs", "replayed_pairs", "probe_reads", "probe_l2", "probe_answers",
                                            "probe_answers_read", "probe_s")}
-    figures["init_from"] = run.serving["version"] if init_from else None
+    figures["init_from"] = run.reward_from["version"] if init_from else None
     return {**figures, **chosen(metrics)}, {"rm_accuracy": metrics.get("accuracy")}
 
 
