@@ -180,7 +180,7 @@ def test_gate_reports_figures_and_fails_on_thresholds(tiny_model_dir, sft_run, r
 
 
 def test_gate_judges_only_on_enough_evidence(tiny_model_dir, sft_run, rm_run):
-    """Too few held-out pairs: RM accuracy is reported, not judged. The reward gain fails only
+    """Too few held-out pairs: RM accuracy is reported, not judged. The reward gain fails
     unless the candidate gains `gain_margin_se` standard errors over `min_reward_gain`: by default one
     (measurably better); a negative margin lets it fall short by that many."""
     sft_dir, _ = sft_run

@@ -355,7 +355,7 @@ def _newest_reward_model(store: Store) -> dict | None:
     """The newest published version that kept a reward model, promoted or not. A reward model is trained on
     the pooled pairs, not on the policy the gate judged: continuing the newest one reads only the answers it
     has not read. Continuing the serving version's instead made every cycle after a rejected one read all
-    pooled answers again (bench/RESULTS.md: 4,083-4,690 answers, 250-300 s of a 600 s cycle, so PPO got
+    pooled answers again (bench/RESULTS.md: 4,083-4,690 answers, 270-330 s of a 600 s cycle, so PPO got
     5-17 steps instead of ~24)."""
     for row in reversed(cycles.list_adapters(store)):
         if artifacts.reward_model_dir(row["path"]) is not None:
