@@ -1,5 +1,6 @@
 """Preferences that are not loopchat's built-ins, for checking that the loop learns preferences
-in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:gives_examples` or `:gives_figures`.
+in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:gives_examples`, `:gives_figures`
+or `:uses_lists`.
 
 Pairwise only: no score and no corrections, so thumbs come from judging two answers against
 each other and the loop has nothing but the users' choices to learn from.
@@ -12,6 +13,7 @@ import re
 _WORD = re.compile(r"[A-Za-z]+")
 _FIGURE = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*%?")
 _LIST_MARKER = re.compile(r"^\s*\d+[.)]\s", re.M)  # "1. " numbering a list is no figure
+_LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S", re.M)
 _EXAMPLE = re.compile(r"\b(?:for example|for instance|such as|including|e\.g\.)(?!\w)", re.I)
 
 
@@ -51,3 +53,10 @@ def gives_figures(prompt: str, a: str, b: str) -> str:
     same number is a tie; list numbering does not count. Written in session 19, after every other taste
     here had been run."""
     return _more_is_better(a, b, lambda text: len(_FIGURE.findall(_LIST_MARKER.sub("", text))))
+
+
+def uses_lists(prompt: str, a: str, b: str) -> str:
+    """The answer that lays its points out as more list items (lines opening with "-", "*", "\u2022", "1." or
+    "1)") is better; the same number is a tie. Written in session 24, before any run of it; the base model
+    writes a list item in 8% of its answers."""
+    return _more_is_better(a, b, lambda text: len(_LIST_ITEM.findall(text)))

@@ -86,6 +86,9 @@ def test_builtins_and_plugins():
     figures = load_judge("bench.preferences:gives_figures")
     assert figures.vote("q", "It is far.", "It is 384,400 km away, 1.3 light-seconds.", rng, noisy=False) == "b"
     assert figures.vote("q", "About 20% of it, in 1969.", "1. Two, in v2, cost 3.5 and 4.", rng, noisy=False) == "tie"
+    lists = load_judge("bench.preferences:uses_lists")
+    assert lists.vote("q", "Three:\n- red\n- blue\n\u2022 green", "1. red\n2) blue", rng, noisy=False) == "a"
+    assert lists.vote("q", "It is -5 degrees, **cold**.", "**Cold** * 2", rng, noisy=False) == "tie"
 
 
 def test_ranking_by_the_judge():
