@@ -1,6 +1,6 @@
 """Preferences that are not loopchat's built-ins, for checking that the loop learns preferences
-in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:gives_examples`, `:gives_figures`
-or `:uses_lists`.
+in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:gives_examples`, `:gives_figures`,
+`:uses_lists` or `:on_topic`.
 
 Pairwise only: no score and no corrections, so thumbs come from judging two answers against
 each other and the loop has nothing but the users' choices to learn from.
@@ -15,6 +15,9 @@ _FIGURE = re.compile(r"(?<![\w.])\d+(?:[.,]\d+)*%?")
 _LIST_MARKER = re.compile(r"^\s*\d+[.)]\s", re.M)  # "1. " numbering a list is no figure
 _LIST_ITEM = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s+\S", re.M)
 _EXAMPLE = re.compile(r"\b(?:for example|for instance|such as|including|e\.g\.)(?!\w)", re.I)
+_FUNCTION_WORDS = frozenset("""about also been being could does doing each from have having into just more most much
+must only other over should some such than that their them then there these they this those very what when where which
+while will with would your yours""".split())
 
 
 def mean_word_length(text: str) -> float | None:
@@ -60,3 +63,17 @@ def uses_lists(prompt: str, a: str, b: str) -> str:
     "1)") is better; the same number is a tie. Written in session 24, before any run of it; the base model
     writes a list item in 8% of its answers."""
     return _more_is_better(a, b, lambda text: len(_LIST_ITEM.findall(text)))
+
+
+def _content_words(text: str) -> set[str]:
+    """Lower-cased words of four letters or more that are not function words, a final "s" dropped."""
+    words = (w.lower() for w in _WORD.findall(text) if len(w) >= 4)
+    return {w[:-1] if w.endswith("s") else w for w in words if w not in _FUNCTION_WORDS}
+
+
+def on_topic(prompt: str, a: str, b: str) -> str:
+    """The answer that takes up more of the question's own content words is better (a crude "answers what
+    was asked"); the same number is a tie. The only taste here that depends on the prompt. Written in
+    session 25, before any run of it."""
+    asked = _content_words(prompt)
+    return _more_is_better(a, b, lambda text: len(asked & _content_words(text)))

@@ -89,6 +89,10 @@ def test_builtins_and_plugins():
     lists = load_judge("bench.preferences:uses_lists")
     assert lists.vote("q", "Three:\n- red\n- blue\n\u2022 green", "1. red\n2) blue", rng, noisy=False) == "a"
     assert lists.vote("q", "It is -5 degrees, **cold**.", "**Cold** * 2", rng, noisy=False) == "tie"
+    topic = load_judge("bench.preferences:on_topic")
+    question = "Why do volcanoes erupt, and what would happen next?"
+    assert topic.vote(question, "Magma rises.", "A volcano erupts when magma rises.", rng, noisy=False) == "b"
+    assert topic.vote(question, "What would they do? They erupt.", "It erupts.", rng, noisy=False) == "tie"
 
 
 def test_ranking_by_the_judge():
