@@ -57,8 +57,10 @@ def stop(*procs: subprocess.Popen) -> None:
 def test_trigger_one_cycle_at_a_time_and_sigkill_mid_ppo(tmp_path, tiny_model_dir):  # noqa: F811
     store = Store(tmp_path / "loopchat.db")
     fill(store)
+    # PPO long enough (~10x the tiny cycle's) that a poller starved on a loaded machine still finds it running
+    settings = {**TINY_CYCLE, "ppo": {**TINY_CYCLE["ppo"], "steps": 60}}
     config = tmp_path / "cycle.json"
-    config.write_text(json.dumps(TINY_CYCLE))
+    config.write_text(json.dumps(settings))
 
     # Below the threshold nothing runs, however many checks pass.
     idle = [start_worker(tmp_path, tiny_model_dir, config, min_comparisons=100) for _ in range(2)]
@@ -90,7 +92,7 @@ def test_trigger_one_cycle_at_a_time_and_sigkill_mid_ppo(tmp_path, tiny_model_di
         assert second["version"] == "v1" and (tmp_path / "adapters" / "v1" / "manifest.json").is_file()
         assert set(second["steps"]) >= {"building_data", "sft", "reward_model", "ppo", "evaluating"}
         # 5 minutes hold every fixed size of this tiny cycle
-        assert second["budget_s"] == 300 and second["steps"]["ppo"]["planned_steps"] == TINY_CYCLE["ppo"]["steps"]
+        assert second["budget_s"] == 300 and second["steps"]["ppo"]["planned_steps"] == settings["ppo"]["steps"]
         time.sleep(3)  # more checks pass: no new feedback, no new cycle
         assert len(cycles.list_cycles(store)) == 2
     finally:

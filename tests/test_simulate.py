@@ -248,7 +248,7 @@ def sim_service(vllm_gateway, model_dir, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(1000)
 def test_simulation_end_to_end(sim_service, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
@@ -258,8 +258,8 @@ def test_simulation_end_to_end(sim_service, tmp_path):
         LOOPCHAT + ["simulate", "--gateway", sim_service.url, "--prompts", str(prompts), "--preference", "concise",
                     "--noise", "0.1", "--cycles", "1", "--comparisons", "10", "--thumbs", "6",
                     "--correction-rate", "1.0", "--eval-prompts", "3", "--concurrency", "2", "--max-tokens", "24",
-                    "--cycle-timeout", "400", "--out", str(out), "--seed", "3"],
-        capture_output=True, text=True, cwd=ROOT, timeout=540)
+                    "--cycle-timeout", "700", "--out", str(out), "--seed", "3"],
+        capture_output=True, text=True, cwd=ROOT, timeout=900)
     assert run.returncode == 0, f"{run.stderr[-3000:]}\n--- worker ---\n{sim_service.worker_log.read_text()[-3000:]}"
     assert "ETA" in run.stderr and "final win rate" in run.stdout
 
