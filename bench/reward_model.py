@@ -51,19 +51,18 @@ def sample_answers(model_dir: Path, n_prompts: int | None = None, batch_prompts:
     import hardware
     from loopchat.simulate import DEFAULT_PROMPTS, load_prompts
     from train import common
-    from train.ppo import generate
+    from train.ppo import PPOConfig, generate, load_policy
 
     prompts = load_prompts(DEFAULT_PROMPTS)[:n_prompts]
     CACHE.mkdir(parents=True, exist_ok=True)
     path = CACHE / f"rm-samples-{Path(model_dir).name}-k{K}-t{TEMPERATURE}-n{MAX_NEW_TOKENS}-s{SEED}.jsonl"
     done = [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
     if len(done) < len(prompts):
-        from transformers import AutoModelForCausalLM
-
         common.quiet_transformers()
         device = common.pick_device()
         tok = common.load_tokenizer(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=hardware.choose("auto", device.type).torch_dtype).to(device)
+        # generate() reads a peft model's parts; a fresh LoRA adapter changes nothing (its B is zero): the base model
+        model = load_policy(model_dir, PPOConfig(), device=device, dtype=hardware.choose("auto", device.type).torch_dtype).eval()
         with open(path, "a", encoding="utf-8") as f:
             for start in range(len(done), len(prompts), batch_prompts):
                 torch.manual_seed(SEED + start)  # batch by batch, so a resumed run samples what a whole one would
