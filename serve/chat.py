@@ -66,6 +66,8 @@ class Recorder:
                 for i in sorted(self.texts)]
 
     def row(self, status: str) -> dict:
+        """The store row. `created_at` is taken with `latency_ms`, not when the write thread gets
+        to it, so that `created_at - latency_ms` is when the request came in."""
         choices = self.choices()
         usage = self.usage or {}
         return {
@@ -73,7 +75,7 @@ class Recorder:
             "served_by": self.served_by, "messages": self.messages,
             "output": choices[0]["content"] if choices else "", "choices": choices, "params": self.sampling,
             "prompt_tokens": usage.get("prompt_tokens"), "completion_tokens": usage.get("completion_tokens"),
-            "latency_ms": (time.perf_counter() - self.t0) * 1000,
+            "created_at": time.time(), "latency_ms": (time.perf_counter() - self.t0) * 1000,
             "ttft_ms": None if self.ttft is None else self.ttft * 1000,
             "finish_reason": choices[0]["finish_reason"] if choices else None, "status": status,
         }
