@@ -395,12 +395,15 @@ class StreamingLoad:
         return [{x["model"] for x in self.results if x["ok"] and switched < x["started"] and x["finished"] < end}
                 for (_, switched, _), end in zip(self.phases, ends)]
 
+    def in_flight(self, asked: float, switched: float) -> list[dict]:
+        """The answers in flight while a switch ran: sent before it was answered and finished after it was
+        asked. (Not only those spanning all of it: a first promotion loads the adapter into vLLM for longer
+        than a 12-token answer takes, and one CI run saw none span it.)"""
+        return [x for x in self.results if x["ok"] and x["started"] < switched and x["finished"] > asked]
+
     def in_flight_across_switches(self) -> list[int]:
-        """For each switch, how many answers were in flight while it ran: sent before it was answered and
-        finished after it was asked. (Not only those spanning all of it: a first promotion loads the adapter
-        into vLLM for longer than a 12-token answer takes, and one CI run saw none span it.)"""
-        return [sum(x["started"] < switched and x["finished"] > asked for x in self.results if x["ok"])
-                for asked, switched, _ in self.phases]
+        """For each switch, how many answers were in flight while it ran (`in_flight`)."""
+        return [len(self.in_flight(asked, switched)) for asked, switched, _ in self.phases]
 
 
 @pytest.fixture
