@@ -10,6 +10,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from train import evaluate
 from train.evaluate import CAPABILITIES, GateConfig, evaluate_adapter, passes, read_capabilities
@@ -63,6 +64,8 @@ def gate(tiny_model_dir, adapters, capability_file, candidate, **cfg):  # noqa: 
 def test_the_shipped_set_reads_and_its_checks_match_case_insensitively():
     items = read_capabilities(CAPABILITIES)
     assert 40 <= len(items) <= 60 and len({it["prompt"] for it in items}) == len(items)
+    kinds = [it["kind"] for it in items]
+    assert set(kinds) == {"facts", "arithmetic", "instructions", "explanations"} and min(map(kinds.count, kinds)) >= 6
     assert all(passes(it["reference"], it["contains_any"]) for it in items)  # every reference passes its own check
     assert passes("The capital is PARIS.", ["Paris"]) and not passes("Lyon", ["Paris"])
 
@@ -87,12 +90,40 @@ def test_a_candidate_that_kept_them_passes(tiny_model_dir, adapters, capability_
     assert all(x["baseline_pass_rate"] < 1 for x in verdict["capability_lost"]), verdict["capability_lost"]
     # the threshold is the baseline's figure less the allowed drop and one standard error of the paired difference
     loglik = checks["capability_loglik"]
-    se = verdict["figures"]["capability_loglik_se"]
-    assert se > 0 and loglik["threshold"] == pytest.approx(verdict["figures"]["capability_loglik_baseline"] - 0.1 - se)
+    assert loglik["se"] > 0 and loglik["threshold"] == pytest.approx(verdict["figures"]["capability_loglik_baseline"] - 0.1 - loglik["se"])
+    assert loglik["kind"] == evaluate.DEFAULT_KIND and list(loglik["kinds"]) == [evaluate.DEFAULT_KIND]  # items name no kind
     # and it is held to the base model too: the tiny random base answers nothing, so that allowance is easily met
     base = checks["capability_loglik_base"]
     assert base["passed"] and base["threshold"] < verdict["figures"]["capability_loglik_base_model"]
     assert verdict["figures"]["capability_loglik_base_model"] < loglik["threshold"]
+
+
+def test_a_loss_in_one_kind_of_item_is_not_hidden_by_a_gain_in_another():
+    """Pass rates of eight items in two kinds: the candidate loses the first kind and gains the second. Over all
+    items it is no worse, and pooled it would pass; kind by kind it fails on the kind it lost."""
+    old = torch.tensor([1.0, 1.0, 0.75, 1.0, 0.0, 0.25, 0.0, 0.0])
+    new = torch.tensor([0.25, 0.0, 0.25, 0.5, 1.0, 0.75, 1.0, 0.75])
+    kinds = ["facts"] * 4 + ["explanations"] * 4
+    assert evaluate._paired(new, old, 0.1, 1.0)["passed"]
+    check = evaluate._paired_by_kind(new, old, kinds, 0.1, 1.0)
+    assert check["passed"] is False and check["kind"] == "facts" and check["value"] == 0.25 and check["baseline"] == 0.9375
+    assert check["kinds"]["explanations"]["passed"] and check["kinds"]["explanations"]["value"] == 0.875
+    diff = new[:4] - old[:4]
+    assert check["threshold"] == pytest.approx(0.9375 - 0.1 - float(diff.std()) / 2)
+    assert evaluate._paired_by_kind(new, new, kinds, 0.1, 1.0)["passed"]  # the same version passes
+
+
+def test_the_gate_judges_each_kind_and_names_what_was_lost(tiny_model_dir, adapters, tmp_path):  # noqa: F811
+    kinded = tmp_path / "kinds.jsonl"
+    kinded.write_text("".join(json.dumps({**it, "kind": "first" if i < 2 else "last"}) + "\n" for i, it in enumerate(ITEMS)))
+    verdict = gate(tiny_model_dir, adapters, kinded, "one_word")
+    check = verdict["checks"]["capability_pass"]
+    assert check["passed"] is False and set(check["kinds"]) == {"first", "last"} and check["kind"] in check["kinds"]
+    assert not any(c["passed"] for c in check["kinds"].values())  # it lost every item, so every kind
+    assert check["value"] == check["kinds"][check["kind"]]["value"]
+    assert {x["kind"] for x in verdict["capability_lost"]} <= {"first", "last"} and verdict["capability_lost"]
+    kept = gate(tiny_model_dir, adapters, kinded, "kept")["checks"]["capability_pass"]
+    assert kept["passed"] and all(c["passed"] for c in kept["kinds"].values())
 
 
 def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sampled_again(
@@ -121,7 +152,7 @@ def test_pass_rates_are_shares_of_sampled_answers_and_a_judged_version_is_not_sa
     second = evaluate_adapter(moved, copy, prompts=[it["prompt"] for it in ITEMS], baseline_adapter=adapters / "one_word",
                               cfg=cfg)
     assert sum(samples) == len(ITEMS)  # held-out answers only: all three's capability answers came from the first gate
-    assert second["figures"]["capability_pass_baseline"] == first["checks"]["capability_pass"]["value"]
+    assert second["figures"]["capability_pass_baseline"] == first["figures"]["capability_pass_candidate"]
     assert second["figures"]["capability_pass_base_model"] is not None
     samples.clear()
     monkeypatch.setattr(evaluate, "KEEP_PASS_RATES", 2)  # a new folder, and room for two of the three

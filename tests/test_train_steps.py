@@ -242,7 +242,8 @@ def test_cli_bad_input_is_one_line(cli, tiny_model_dir, tmp_path):
     assert result.exit_code == 1 and "not a peft adapter folder" in result.output
     train_sft(tiny_model_dir, DEMOS[:1], tmp_path / "sft", SFTConfig(max_steps=1), quiet=True)
     result = cli("eval", "--model", tiny_model_dir, "--data-dir", tmp_path, "--adapter", tmp_path / "sft", "--capabilities", bad)
-    assert result.exit_code == 1 and result.output.strip() == f"Error: {bad}:1: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}}"
+    assert result.exit_code == 1 and result.output.strip() == (f"Error: {bad}:1: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}} "
+                                                     "and optionally 'kind': str")
 
 
 def test_cli_steps_chain_and_publish(cli, tiny_model_dir, rm_run, tmp_path):

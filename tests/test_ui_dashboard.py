@@ -24,13 +24,17 @@ WINRATES = [  # as GET /admin/winrates answers, in no particular order
     {"adapter": "v2", "version": "policy-v2", "opponent": "policy-v1", "wins": 0, "losses": 0, "ties": 0, "n": 0,
      "win_rate": None, "ci95": None},
 ]
+# the capability guard's pass share by kind of item: facts rose, explanations fell most, instructions a little
+KINDS = {"facts": {"candidate": 0.95, "baseline": 0.9}, "explanations": {"candidate": 0.5, "baseline": 0.75},
+         "instructions": {"candidate": 0.8, "baseline": 0.85}}
 OLD_CYCLE = {"id": 1, "state": "rejected", "rm_accuracy": 0.61, "mean_reward": 0.12, "kl": 0.02, "steps": {}}
 NEW_CYCLE = {"id": 2, "state": "promoted", "rm_accuracy": 0.7, "kl": 0.3, "recipe": "sft_only",
              "steps": {"reward_model": {"accuracy": 0.7, "accuracy_ci95": [0.55, 0.82], "steps": 40},
                        "evaluating": {"kl": 0.3, "kl_base": 0.9, "held_out_prompts": 24, "capability_pass": 0.8,
                                       "capability_pass_baseline": 0.85, "capability_pass_base_model": 0.95,
                                       "capability_loglik": -1.234,
-                                      "capability_loglik_baseline": -1.2}}}
+                                      "capability_loglik_baseline": -1.2,
+                                      "capability_pass_kinds": KINDS}}}
 NO_CAPABILITY = dict.fromkeys(learning_panel.CAPABILITY)
 
 
@@ -76,7 +80,7 @@ def test_learning_figures_of_a_new_cycle():
     assert learning_panel.learning_figures(NEW_CYCLE) == {
         "rm_accuracy": 0.7, "rm_accuracy_ci95": [0.55, 0.82], "kl": 0.3, "kl_base": 0.9, "recipe": "sft_only",
         "capability_pass": 0.8, "capability_pass_baseline": 0.85, "capability_pass_base_model": 0.95, "capability_loglik": -1.234,
-        "capability_loglik_baseline": -1.2}
+        "capability_loglik_baseline": -1.2, "capability_pass_kinds": KINDS}
 
 
 def test_an_old_cycles_kl_was_to_the_base_and_it_has_no_interval_or_recipe():
@@ -113,7 +117,12 @@ def test_cycles_table_has_the_learning_columns_and_blank_cells_for_old_rows():
     new, old = frame.to_dict("records")
     assert (new["recipe"], new["rm_accuracy_ci95"], new["kl"], new["kl_base"]) == ("sft_only", "[0.55, 0.82]", 0.3, 0.9)
     assert (old["recipe"], old["rm_accuracy_ci95"], old["kl"], old["kl_base"]) == ("default", "", "", 0.02)
-    assert new["capability"] == "pass 0.80 (was 0.85), loglik -1.23 (was -1.20)" and old["capability"] == ""
+    assert new["capability"] == "pass 0.80 (was 0.85), loglik -1.23 (was -1.20); explanations 0.50 (was 0.75)"
+    assert old["capability"] == ""
+    # a cycle from before kinds, one with a single kind and one where no kind fell: the figures over all items alone
+    for kinds in (None, {"general": KINDS["explanations"]}, {"facts": KINDS["facts"], "arithmetic": {"candidate": 1.0, "baseline": 1.0}}):
+        figures = {**learning_panel.learning_figures(NEW_CYCLE), "capability_pass_kinds": kinds}
+        assert learning_panel.capability_text(figures) == "pass 0.80 (was 0.85), loglik -1.23 (was -1.20)"
 
 
 def test_the_sizes_cell_says_what_each_step_ran_and_what_ppo_paid_when_it_did():

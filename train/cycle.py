@@ -81,7 +81,7 @@ class CycleConfig:
     # guard has refused a candidate (`ptx_after_capability_loss`, below).
     ppo: PPOConfig = field(default_factory=lambda: PPOConfig(steps=8, batch_size=8, max_new_tokens=48, samples_per_prompt=4, lr=3e-4))
     # What PPO-ptx (`ppo.ptx_coef` > 0) mixes into PPO's updates: `skills`, the shipped general-skills set
-    # (train/data/skills.jsonl: facts, arithmetic, short instructions, none of them the gate's capability
+    # (train/data/skills.jsonl: facts, arithmetic, short instructions, explanations, none of them the gate's capability
     # items); `demonstrations`, the cycle's own (what users wrote and chose: run Q, at 0.5 they held PPO's
     # reward gain at zero and protected nothing); or the path of a JSONL of demonstrations.
     ptx_data: str = "skills"
@@ -288,17 +288,18 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if failed and run.fallback is not None and set(failed) <= MOVED_TOO_FAR:
         log.info("cycle %d: the candidate failed %s; judging PPO's fallback", cycle_id, ", ".join(failed))
         fell_back = {"failed": failed, "kl": verdict["checks"]["kl"]["value"],
-                     "capability_pass": verdict["checks"]["capability_pass"]["value"]}
+                     "capability_pass": verdict["figures"].get("capability_pass_candidate")}
         run.policy, verdict = run.fallback, judge(run.fallback, 1.0)
     checks, found = verdict["checks"], verdict["figures"]
     figures = {"rm_accuracy": checks["rm_accuracy"].get("value"), "kl": checks["kl"].get("value"),
                "kl_base": checks["kl_base"].get("value"), "mean_reward": found.get("reward_candidate"),
                "baseline_reward": found.get("reward_baseline"), "canaries_ok": checks["canaries"].get("value"),
-               "capability_loglik": checks["capability_loglik"].get("value"),
+               "capability_loglik": found.get("capability_loglik_candidate"),
                "capability_loglik_baseline": found.get("capability_loglik_baseline"),
-               "capability_pass": checks["capability_pass"].get("value"),
+               "capability_pass": found.get("capability_pass_candidate"),
                "capability_pass_baseline": found.get("capability_pass_baseline"),
-               "capability_pass_base_model": found.get("capability_pass_base_model")}
+               "capability_pass_base_model": found.get("capability_pass_base_model"),
+               "capability_pass_kinds": _kind_shares(checks["capability_pass"])}
     if fell_back:
         figures["fell_back"] = fell_back  # what the full candidate failed; the figures above are the fallback's
     figures["failed"] = _failed(verdict)
@@ -340,6 +341,12 @@ def _steps(store: Store, cycle_id: int, cfg: CycleConfig, work: Path, beat: _Hea
     if r.status_code != 200:
         raise CycleFailed(f"promotion of {version} failed: HTTP {r.status_code} {r.text[:300]}")
     cycles.advance(store, cycle_id, "promoted", {"switch_ms": r.json().get("switch_ms")})
+
+
+def _kind_shares(check: dict) -> dict | None:
+    """A capability pass check's share per kind of item: {kind: {"candidate": .., "baseline": ..}}."""
+    return {kind: {"candidate": c["value"], "baseline": c["baseline"]} for kind, c in check["kinds"].items()} \
+        if "kinds" in check else None
 
 
 def _failed(verdict: dict) -> list[str]:

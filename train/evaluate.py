@@ -28,17 +28,22 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
                answer into "L'Étoile, la femme, ..." without changing what users get, and the base
                itself does not finish "Say thank you in one short sentence." within 64 tokens;
   capability_loglik, capability_pass
-               the alignment tax: on a fixed set of facts, arithmetic and short instructions
-               (`capabilities`, train/data/capabilities.jsonl: a prompt, a reference answer and
-               strings a right answer contains), (a) the mean per-token log-likelihood of the
-               reference answers (one forward pass per item) and (b) each item's pass rate, the
-               share of `capability_samples` answers sampled at the gate's temperature that contain
-               one of its strings, for the candidate and the baseline. Each is paired item by item,
-               and the candidate fails when it is below the baseline by more than `max_loglik_drop`
-               (nats per token) or `max_pass_drop` (share) plus `capability_tolerance_se` standard
-               errors of the paired difference: measurably worse, not a near-tie flipping one item.
+               the alignment tax: on a fixed set of facts, arithmetic, short instructions and
+               explanations (`capabilities`, train/data/capabilities.jsonl: a kind, a prompt, a
+               reference answer and strings a right answer contains), (a) the mean per-token
+               log-likelihood of the reference answers (one forward pass per item) and (b) each
+               item's pass rate, the share of `capability_samples` answers sampled at the gate's
+               temperature that contain one of its strings, for the candidate and the baseline.
+               Each is paired item by item within each kind of item, and the candidate fails when,
+               in any kind, it is below the baseline by more than `max_loglik_drop` (nats per token)
+               or `max_pass_drop` (share) plus `capability_tolerance_se` standard errors of the
+               paired difference: measurably worse, not a near-tie flipping one item. Per kind, not
+               pooled: run AI's `concise` v3 (bench/RESULTS.md) answered "Why do onions make people
+               cry?" with "People cry." and lost explanations 0.56 -> 0.22 while PPO-ptx raised its
+               facts, and the pooled mean rose. The check's figure and threshold are its weakest
+               kind's (named in `kind`; every kind's in `kinds`).
                Sampled, not greedy: the shipped items are ones the base model answers greedily, and
-               13 of the 42 it answers right at most half the time when it samples (bench/RESULTS.md),
+               13 of its 42 facts, sums and instructions it answers right at most half the time when it samples (bench/RESULTS.md),
                so against a greedy 42/42 any change of the model counts as a loss;
   capability_loglik_base, capability_pass_base
                the same two against the base model, when an adapter serves: each cycle's loss
@@ -72,6 +77,7 @@ from train.budget import Pace
 from train.ppo import exact_kl, generate, response_logprobs
 
 CAPABILITIES = Path(__file__).parent / "data" / "capabilities.jsonl"
+DEFAULT_KIND = "general"  # the kind of a capability item that names none
 CAPABILITY_CHECKS = ("capability_loglik", "capability_pass", "capability_loglik_base", "capability_pass_base")
 # Capability answers are sampled this many to a batch: on 2 cores 168 answers took 32 s at 42 to 168 a batch,
 # 50 s at 16.
@@ -162,7 +168,8 @@ def _kl(model, batches, temperature: float, references: tuple[str | None, ...]) 
 
 
 def read_capabilities(source) -> list[dict]:
-    """Capability items: {"prompt": str, "reference": str, "contains_any": [str, ...]} per JSONL line."""
+    """Capability items: {"prompt": str, "reference": str, "contains_any": [str, ...]} per JSONL line, and
+    optionally "kind": str (the gate compares versions kind by kind; items without one are DEFAULT_KIND)."""
     path = Path(source)
     if not path.is_file():
         raise data.DataError(f"{path}: no such file")
@@ -176,8 +183,10 @@ def read_capabilities(source) -> list[dict]:
             raise data.DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not (isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("reference"), str)
                 and isinstance(item.get("contains_any"), list) and item["contains_any"]
-                and all(isinstance(x, str) and x for x in item["contains_any"])):
-            raise data.DataError(f"{path}:{i}: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}}")
+                and all(isinstance(x, str) and x for x in item["contains_any"])
+                and isinstance(item.get("kind", DEFAULT_KIND), str) and item.get("kind", DEFAULT_KIND)):
+            raise data.DataError(f"{path}:{i}: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}} "
+                                 "and optionally 'kind': str")
         items.append(item)
     return items
 
@@ -207,13 +216,24 @@ def _reference_loglik(model, tokenizer, items, adapter: str | None, batch_size: 
     return torch.cat(out)
 
 
-def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se: float) -> tuple[dict, float]:
+def _paired(new: torch.Tensor, old: torch.Tensor, max_drop: float, tolerance_se: float) -> dict:
     """The candidate's mean against the baseline's less `max_drop` and `tolerance_se` standard errors
-    of their item-by-item difference; (the check, that standard error)."""
+    of their item-by-item difference: the check, with that standard error and the baseline's mean."""
     diff = new - old
     se = float(diff.std() / len(diff) ** 0.5) if len(diff) > 1 else 0.0
     threshold = float(old.mean()) - max_drop - tolerance_se * se
-    return _check(float(new.mean()), threshold, float(new.mean()) >= threshold), se
+    return {**_check(float(new.mean()), threshold, float(new.mean()) >= threshold), "se": se, "baseline": float(old.mean())}
+
+
+def _paired_by_kind(new: torch.Tensor, old: torch.Tensor, kinds: list[str], max_drop: float, tolerance_se: float) -> dict:
+    """`_paired` within each kind of item; it passes when every kind passes. Its figures are those of the
+    kind with the least margin over its threshold (`kind`), each kind's are under `kinds`."""
+    by_kind = {}
+    for kind in dict.fromkeys(kinds):
+        mine = torch.tensor([k == kind for k in kinds])
+        by_kind[kind] = _paired(new[mine], old[mine], max_drop, tolerance_se)
+    weakest = min(by_kind, key=lambda k: by_kind[k]["value"] - by_kind[k]["threshold"])
+    return {**by_kind[weakest], "kind": weakest, "kinds": by_kind}
 
 
 KEEP_PASS_RATES = 16  # files of capability answers kept in `cache_dir`, the newest
@@ -276,13 +296,16 @@ def _capabilities(model, tokenizer, cfg: GateConfig, model_dir, adapter_dirs: di
         checks.update({f"capability_{k}_base": _skipped("the base model is the baseline") for k in ("loglik", "pass")})
     else:
         comparisons.append(("_base", None))
+    kinds = [it.get("kind", DEFAULT_KIND) for it in items]
     for suffix, against in comparisons:
-        checks[f"capability_loglik{suffix}"], figures[f"capability_loglik{suffix}_se"] = _paired(
-            loglik["candidate"], loglik[against], cfg.max_loglik_drop, cfg.capability_tolerance_se)
-        checks[f"capability_pass{suffix}"], figures[f"capability_pass{suffix}_se"] = _paired(
-            rates["candidate"], rates[against], cfg.max_pass_drop, cfg.capability_tolerance_se)
-    figures.update(capability_loglik_baseline=float(loglik[baseline].mean()), capability_pass_baseline=float(rates[baseline].mean()),
-                   capability_loglik_base_model=float(loglik[None].mean()), capability_pass_base_model=float(rates[None].mean()))
+        checks[f"capability_loglik{suffix}"] = _paired_by_kind(loglik["candidate"], loglik[against], kinds,
+                                                               cfg.max_loglik_drop, cfg.capability_tolerance_se)
+        checks[f"capability_pass{suffix}"] = _paired_by_kind(rates["candidate"], rates[against], kinds,
+                                                             cfg.max_pass_drop, cfg.capability_tolerance_se)
+    for measure, values in (("loglik", loglik), ("pass", rates)):  # over all items
+        figures.update({f"capability_{measure}_candidate": float(values["candidate"].mean()),
+                        f"capability_{measure}_baseline": float(values[baseline].mean()),
+                        f"capability_{measure}_base_model": float(values[None].mean())})
 
     def shown(name, i, passing):  # one of the answers: the first that passes (or fails), else the first
         return next((a for a in answers[name][i] if passes(a, items[i]["contains_any"]) == passing), answers[name][i][0])
@@ -290,7 +313,7 @@ def _capabilities(model, tokenizer, cfg: GateConfig, model_dir, adapter_dirs: di
     lost = []
     for i, it in enumerate(items):
         if rates["candidate"][i] <= max(rates[name][i] for name in names[1:]) - LOST_BY:
-            lost.append({"prompt": it["prompt"], "pass_rate": float(rates["candidate"][i]),
+            lost.append({"prompt": it["prompt"], "kind": kinds[i], "pass_rate": float(rates["candidate"][i]),
                          "baseline_pass_rate": float(rates[baseline][i]), "base_model_pass_rate": float(rates[None][i]),
                          "answer": shown("candidate", i, False), "baseline_answer": shown(baseline, i, True),
                          "base_model_answer": shown(None, i, True)})

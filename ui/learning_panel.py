@@ -34,7 +34,7 @@ def winrate_figure(winrates: list[dict], adapters: list[dict]):
 
 
 CAPABILITY = ("capability_pass", "capability_pass_baseline", "capability_pass_base_model", "capability_loglik",
-              "capability_loglik_baseline")
+              "capability_loglik_baseline", "capability_pass_kinds")
 
 
 def learning_figures(cycle: dict) -> dict:
@@ -55,12 +55,17 @@ def learning_figures(cycle: dict) -> dict:
 
 
 def capability_text(figures: dict) -> str:
-    """The capability guard in a table cell: "pass 0.80 (was 0.85), loglik -1.23 (was -1.20)"."""
+    """The capability guard in a table cell: "pass 0.80 (was 0.85), loglik -1.23 (was -1.20)", and the kind
+    of item whose pass share fell most, when one fell: "; explanations 0.22 (was 0.56)"."""
     parts = [f"{name} {figures[key]:.2f}" + (f" (was {figures[key + '_baseline']:.2f})"
                                               if figures.get(key + "_baseline") is not None else "")
              for name, key in (("pass", "capability_pass"), ("loglik", "capability_loglik"))
              if figures.get(key) is not None]
-    return ", ".join(parts)
+    kinds = figures.get("capability_pass_kinds") or {}
+    fell = min(kinds.items(), key=lambda kv: kv[1]["candidate"] - kv[1]["baseline"], default=None)
+    worst = f"; {fell[0]} {fell[1]['candidate']:.2f} (was {fell[1]['baseline']:.2f})" \
+        if len(kinds) > 1 and fell[1]["candidate"] < fell[1]["baseline"] else ""
+    return ", ".join(parts) + worst
 
 
 def series(rows: list[tuple[str, dict]], key: str, ci_key: str | None = None) -> list[Estimate]:

@@ -209,11 +209,14 @@ def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_
             value = "-" if c["value"] is None else f"{c['value']:.4g}"
             threshold = "-" if c["threshold"] is None else f"{c['threshold']:.4g}"
             result = f"skipped ({c['skipped']})" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")
-            click.echo(f"{name:<24} {value:>10} {threshold:>10}  {result}")
+            kinds = c.get("kinds", {}) if len(c.get("kinds", {})) > 1 else {}  # by kind of capability item
+            click.echo(f"{name:<24} {value:>10} {threshold:>10}  {result}" + (f" (weakest: {c['kind']})" if kinds else ""))
+            for kind, k in kinds.items():
+                click.echo(f"  {kind:<22} {k['value']:>10.4g} {k['threshold']:>10.4g}  {'pass' if k['passed'] else 'FAIL'}")
         for k, v in verdict["figures"].items():
             click.echo(f"{k}: {v:.4g}" if isinstance(v, float) else f"{k}: {v}")
         for lost in verdict["capability_lost"]:
-            click.echo(f"lost: {lost['prompt']!r} -> {lost['answer']!r}: right in {lost['pass_rate']:.0%} of answers "
+            click.echo(f"lost ({lost['kind']}): {lost['prompt']!r} -> {lost['answer']!r}: right in {lost['pass_rate']:.0%} of answers "
                        f"(baseline {lost['baseline_pass_rate']:.0%}: {lost['baseline_answer']!r})")
         click.echo("gate: " + ("PASSED" if verdict["passed"] else "FAILED"))
     if not verdict["passed"]:
