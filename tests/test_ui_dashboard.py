@@ -106,6 +106,8 @@ def test_cycle_plots_over_cycles_oldest_first_with_gaps_for_missing_figures():
     assert points(capability)["Capability guard: share of items answered right"] == {
         "candidate": [("#2", 0.8, (0.8, 0.8))], "replaced version": [("#2", 0.85, (0.85, 0.85))],
         "base model": [("#2", 0.95, (0.95, 0.95))]}
+    assert points(capability)["Capability guard by kind of item: the candidate's share"] == {
+        kind: [("#2", shares["candidate"], (shares["candidate"], shares["candidate"]))] for kind, shares in KINDS.items()}
 
 
 def test_cycle_plots_before_any_cycle():

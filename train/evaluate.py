@@ -42,9 +42,10 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
                cry?" with "People cry." and lost explanations 0.56 -> 0.22 while PPO-ptx raised its
                facts, and the pooled mean rose. The check's figure and threshold are its weakest
                kind's (named in `kind`; every kind's in `kinds`).
-               Sampled, not greedy: the shipped items are ones the base model answers greedily, and
-               13 of its 42 facts, sums and instructions it answers right at most half the time when it samples (bench/RESULTS.md),
-               so against a greedy 42/42 any change of the model counts as a loss;
+               Sampled, not greedy: the shipped facts, sums and instructions are ones the base model
+               answers greedily, and 13 of those 42 it answers right at most half the time when it
+               samples (bench/RESULTS.md), so against a greedy 42/42 any change of the model counts
+               as a loss (its 16 explanations it passes 0.39 of the time, sampled);
   capability_loglik_base, capability_pass_base
                the same two against the base model, when an adapter serves: each cycle's loss
                against the version it replaces may be too small to call, but such losses compound
@@ -109,7 +110,8 @@ class GateConfig:
     canary_tolerance: float = 0.25
     # The capability set (JSONL: prompt, reference, contains_any); None: no capability checks.
     capabilities: str | None = str(CAPABILITIES)
-    capability_max_new_tokens: int = 32  # the shipped items name their answer within ~20 tokens
+    # The shipped facts name their answer within ~20 tokens, the explanations their mechanism in the first sentence.
+    capability_max_new_tokens: int = 32
     capability_samples: int = 4  # answers sampled per capability item: its pass rate
     max_loglik_drop: float = 0.1  # nats per reference token the candidate may lose against the baseline
     max_pass_drop: float = 0.1  # pass rate (share of sampled answers) the candidate may lose against the baseline

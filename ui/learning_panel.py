@@ -61,7 +61,7 @@ def capability_text(figures: dict) -> str:
                                               if figures.get(key + "_baseline") is not None else "")
              for name, key in (("pass", "capability_pass"), ("loglik", "capability_loglik"))
              if figures.get(key) is not None]
-    kinds = figures.get("capability_pass_kinds") or {}
+    kinds = by_kind(figures)
     fell = min(kinds.items(), key=lambda kv: kv[1]["candidate"] - kv[1]["baseline"], default=None)
     worst = f"; {fell[0]} {fell[1]['candidate']:.2f} (was {fell[1]['baseline']:.2f})" \
         if len(kinds) > 1 and fell[1]["candidate"] < fell[1]["baseline"] else ""
@@ -75,7 +75,8 @@ def series(rows: list[tuple[str, dict]], key: str, ci_key: str | None = None) ->
 
 def cycle_figures(cycles: list[dict]):
     """Over cycles, oldest first: the RM's held-out accuracy with its interval; KL to serving and to
-    base; the capability guard's pass share: the candidate, the version it would replace and the base model."""
+    base; the capability guard's pass share: the candidate, the version it would replace and the base model,
+    and beside it the candidate's by kind of item."""
     rows = [(f"#{c['id']}", learning_figures(c)) for c in sorted(cycles, key=lambda c: c["id"])]
     order = tuple(x for x, _ in rows)
     return (figure(Panel("Reward model: held-out accuracy (95% interval)",
@@ -88,4 +89,13 @@ def cycle_figures(cycles: list[dict]):
                          {"candidate": series(rows, "capability_pass"),
                           "replaced version": series(rows, "capability_pass_baseline"),
                           "base model": series(rows, "capability_pass_base_model")}, lines=True, x_order=order,
-                         empty="No cycle has run the capability guard yet.")))
+                         empty="No cycle has run the capability guard yet."),
+                   Panel("Capability guard by kind of item: the candidate's share",
+                         {kind: [e for e in (estimate(x, by_kind(f).get(kind, {}).get("candidate")) for x, f in rows) if e]
+                          for kind in dict.fromkeys(k for _, f in rows for k in by_kind(f))},
+                         lines=True, x_order=order, empty="No cycle has judged capability kind by kind yet.")))
+
+
+def by_kind(figures: dict) -> dict:
+    """A cycle's capability pass shares by kind of item, {} before the gate judged them kind by kind."""
+    return figures.get("capability_pass_kinds") or {}
