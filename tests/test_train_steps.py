@@ -266,3 +266,8 @@ def test_cli_steps_chain_and_publish(cli, tiny_model_dir, rm_run, tmp_path):
     result = cli("eval", *base, "--adapter", v2, "--baseline", v2, "--reward-model", rm_dir, "--prompts", prompts, "--max-new-tokens", "8")
     assert all(check in result.output for check in ("rm_accuracy", "reward_gain", "kl_base", "capability_pass"))
     assert result.exit_code == 0 and "gate: PASSED" in result.output, result.output
+    # the shipped capability set is judged kind by kind, each kind on its line under its check
+    lines = result.output.splitlines()
+    below = lines[next(i for i, line in enumerate(lines) if line.startswith("capability_pass ")) + 1:][:4]
+    assert sorted(line.split()[0] for line in below) == ["arithmetic", "explanations", "facts", "instructions"], below
+    assert all(line.startswith("  ") and line.endswith("pass") for line in below)
