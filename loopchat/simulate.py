@@ -621,6 +621,16 @@ def write_report(report: dict, out: Path) -> None:
     plot(report, out / "report.png")
 
 
+def kind_series(guard: list[tuple[int, dict]]) -> dict[str, list[tuple[int, float]]]:
+    """{kind of capability item: [(round, the candidate's pass share of that kind), ...]} over the cycles whose
+    gate judged capability kind by kind."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for k, c in guard:
+        for kind, shares in (c.get("capability_pass_kinds") or {}).items():
+            out.setdefault(kind, []).append((k, shares["candidate"]))
+    return out
+
+
 def plot(report: dict, path: Path) -> None:
     import matplotlib
 
@@ -659,12 +669,14 @@ def plot(report: dict, path: Path) -> None:
             kept = [(k, c) for k, c in guard if (c.get("state") == "promoted") == promoted]
             if kept:
                 ax.plot([k for k, _ in kept], [c["capability_pass"] for _, c in kept], "o", color="tab:orange", **style)
+        for kind, points in kind_series(guard).items():  # thin dashed lines: each kind of item, where the gate judged kinds
+            ax.plot([k for k, _ in points], [v for _, v in points], "--", lw=0.9, label=kind)
         base = next((c["capability_pass_base_model"] for _, c in guard if c.get("capability_pass_base_model") is not None), None)
         if base is not None:
             ax.axhline(base, color="grey", lw=0.8, ls="--", label="base model")
         ax.set_ylabel("capability pass rate")
         ax.set_ylim(0, 1)
-        ax.legend(fontsize="small")
+        ax.legend(fontsize="x-small", ncol=2)
     axes[-1].set_xlabel("cycle")
     axes[-1].set_xticks(xs)
     s = report["settings"]

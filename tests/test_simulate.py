@@ -18,7 +18,7 @@ from conftest import LOOPCHAT, ROOT, Server, free_port
 from feedback import Store, cycles
 from loopchat import preferences
 from loopchat.cli import cli
-from loopchat.simulate import (DEFAULT_PROMPTS, Judge, SimSettings, SimulationError, load_judge, load_prompts, plot,
+from loopchat.simulate import (DEFAULT_PROMPTS, Judge, SimSettings, SimulationError, load_judge, kind_series, load_prompts, plot,
                                resolve, simulate, split_prompts, table)
 
 TINY_CYCLE = {
@@ -143,6 +143,13 @@ def test_table_and_plot(tmp_path):
     plot(report, tmp_path / "guard.png")
     png_height = lambda name: int.from_bytes((tmp_path / name).read_bytes()[20:24], "big")
     assert png_height("guard.png") > png_height("r.png")
+    # and, where the gate judged kinds of item, a line for each kind
+    report["rounds"][2]["cycle"]["capability_pass_kinds"] = {"facts": {"candidate": 0.9, "baseline": 0.8},
+                                                              "explanations": {"candidate": 0.1, "baseline": 0.5}}
+    guard = [(r["round"], r["cycle"]) for r in report["rounds"] if r.get("cycle")]
+    assert kind_series(guard) == {"facts": [(2, 0.9)], "explanations": [(2, 0.1)]}
+    plot(report, tmp_path / "kinds.png")
+    assert (tmp_path / "kinds.png").read_bytes() != (tmp_path / "guard.png").read_bytes()
 
 
 # ---- the whole simulation on the fake engine ----------------------------------------------------------
