@@ -34,8 +34,8 @@ CYCLE_FIGURES = ("id", "state", "version", "recipe", "gate", "error", "rm_accura
                  "n_sft", "n_prompts", "duration_s")
 # Figures a cycle records in one of its steps rather than on its row (first found wins): name here -> key there.
 # The RM step's `accuracy_ci95` is the [low, high] 95% interval of the row's `rm_accuracy`; the gate's
-# capability figures are the candidate's share of capability items answered, the base model's and the candidate's
-# and the version it would replace per kind of item (`capability_pass_kinds`); `fell_back`
+# capability figures are the candidate's share of capability items answered and the base model's, and per kind of
+# item the candidate's and the replaced version's (`capability_pass_kinds`); `fell_back`
 # is there when the full candidate failed the gate for moving too far and PPO's fallback was judged instead.
 STEP_FIGURES = {"rm_accuracy_ci95": "accuracy_ci95", "kl_base": "kl_base", "capability_pass": "capability_pass",
                 "capability_pass_base_model": "capability_pass_base_model", "capability_pass_kinds": "capability_pass_kinds",
