@@ -183,13 +183,13 @@ def read_capabilities(source) -> list[dict]:
             item = json.loads(line)
         except json.JSONDecodeError as e:
             raise data.DataError(f"{path}:{i}: invalid JSON ({e.msg} at column {e.colno})") from None
+        kind = item.get("kind", DEFAULT_KIND) if isinstance(item, dict) else None
         if not (isinstance(item, dict) and isinstance(item.get("prompt"), str) and isinstance(item.get("reference"), str)
                 and isinstance(item.get("contains_any"), list) and item["contains_any"]
-                and all(isinstance(x, str) and x for x in item["contains_any"])
-                and isinstance(item.get("kind", DEFAULT_KIND), str) and item.get("kind", DEFAULT_KIND)):
+                and all(isinstance(x, str) and x for x in item["contains_any"]) and isinstance(kind, str) and kind):
             raise data.DataError(f"{path}:{i}: expected {{'prompt': str, 'reference': str, 'contains_any': [str, ...]}} "
                                  "and optionally 'kind': str")
-        items.append(item)
+        items.append({**item, "kind": kind})
     return items
 
 
@@ -298,7 +298,7 @@ def _capabilities(model, tokenizer, cfg: GateConfig, model_dir, adapter_dirs: di
         checks.update({f"capability_{k}_base": _skipped("the base model is the baseline") for k in ("loglik", "pass")})
     else:
         comparisons.append(("_base", None))
-    kinds = [it.get("kind", DEFAULT_KIND) for it in items]
+    kinds = [it["kind"] for it in items]
     for suffix, against in comparisons:
         checks[f"capability_loglik{suffix}"] = _paired_by_kind(loglik["candidate"], loglik[against], kinds,
                                                                cfg.max_loglik_drop, cfg.capability_tolerance_se)

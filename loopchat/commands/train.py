@@ -209,7 +209,8 @@ def eval_command(settings, adapter, reward_model, prompts, baseline, pairs, max_
             value = "-" if c["value"] is None else f"{c['value']:.4g}"
             threshold = "-" if c["threshold"] is None else f"{c['threshold']:.4g}"
             result = f"skipped ({c['skipped']})" if c["passed"] is None else ("pass" if c["passed"] else "FAIL")
-            kinds = c.get("kinds", {}) if len(c.get("kinds", {})) > 1 else {}  # by kind of capability item
+            kinds = c.get("kinds", {})  # by kind of capability item, listed when there are several
+            kinds = kinds if len(kinds) > 1 else {}
             click.echo(f"{name:<24} {value:>10} {threshold:>10}  {result}" + (f" (weakest: {c['kind']})" if kinds else ""))
             for kind, k in kinds.items():
                 click.echo(f"  {kind:<22} {k['value']:>10.4g} {k['threshold']:>10.4g}  {'pass' if k['passed'] else 'FAIL'}")
