@@ -8,7 +8,8 @@ want_browser=${1:-}
 VENV=.venv
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip="$VENV/bin/pip --disable-pip-version-check -q"
+# --no-cache-dir: a fresh machine reuses nothing, and the wheels (torch, vLLM) would be kept twice on its disk
+pip="$VENV/bin/pip --disable-pip-version-check --no-cache-dir -q"
 
 if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then flavour=gpu; else flavour=cpu; fi
 stamp="$VENV/.loopchat-$flavour-$(sha256sum pyproject.toml | cut -c1-16)"
