@@ -61,13 +61,32 @@ def gate(tiny_model_dir, adapters, capability_file, candidate, **cfg):  # noqa: 
                             cfg=GateConfig(**{**FAST, "capabilities": str(capability_file), **cfg}))
 
 
-def test_the_shipped_set_reads_and_its_checks_match_case_insensitively():
+def test_the_shipped_set_reads_and_its_checks_match_at_a_word_start():
     items = read_capabilities(CAPABILITIES)
     assert 40 <= len(items) <= 60 and len({it["prompt"] for it in items}) == len(items)
     kinds = [it["kind"] for it in items]
     assert set(kinds) == {"facts", "arithmetic", "instructions", "explanations"} and min(map(kinds.count, kinds)) >= 6
     assert all(passes(it["reference"], it["contains_any"]) for it in items)  # every reference passes its own check
     assert passes("The capital is PARIS.", ["Paris"]) and not passes("Lyon", ["Paris"])
+    assert passes("Ice is less dense.", ["dens"]) and passes("Its density is lower.", ["dens"])
+    assert not passes("Steam condenses.", ["dens"]) and not passes("a long shot", ["hot"])
+    assert passes("It is 5.", ["5"]) and passes("$5", ["5"]) and not passes("15", ["5"]) and not passes("50", ["5"])
+    assert passes("100°C", ["100"]) and not passes("1000 degrees", ["100"])
+
+
+def test_an_explanation_passes_in_plain_words_and_a_restated_question_never_passes():
+    """Run AK (bench/RESULTS.md): a taste for plain words said "by absorbing it from the soil" and failed "root";
+    the answers that had lost their content restated the question."""
+    items = {it["prompt"]: it["contains_any"] for it in read_capabilities(CAPABILITIES)}
+    assert not [p for p, strings in items.items() if passes(p, strings)]  # the question alone never passes
+    plain = {"How does a plant drink water?": "It drinks by absorbing it from the soil.",
+             "Why does ice float on water?": "Ice is lighter than the same amount of water.",
+             "How does the heart move blood around the body?": "It beats and squeezes the blood along."}
+    lost = {"How does a plant drink water?": "A plant drinks water!",
+            "How does the heart move blood around the body?": "The heart moves blood around the body!",
+            "Why do we sweat?": "There's a secret recipe for sweat!"}
+    assert all(passes(answer, items[p]) for p, answer in plain.items())
+    assert not any(passes(answer, items[p]) for p, answer in lost.items())
 
 
 def test_a_candidate_that_lost_its_capabilities_is_rejected(tiny_model_dir, adapters, capability_file):  # noqa: F811

@@ -33,7 +33,8 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
                reference answer and strings a right answer contains), (a) the mean per-token
                log-likelihood of the reference answers (one forward pass per item) and (b) each
                item's pass rate, the share of `capability_samples` answers sampled at the gate's
-               temperature that contain one of its strings, for the candidate and the baseline.
+               temperature that contain one of its strings at a word start (see `passes`), for the candidate and
+               the baseline.
                Each is paired item by item within each kind of item, and the candidate fails when,
                in any kind, it is below the baseline by more than `max_loglik_drop` (nats per token)
                or `max_pass_drop` (share) plus `capability_tolerance_se` standard errors of the
@@ -45,7 +46,7 @@ Nine checks, each with its figure and threshold (a check without its inputs is s
                Sampled, not greedy: the shipped facts, sums and instructions are ones the base model
                answers greedily, and 13 of those 42 it answers right at most half the time when it
                samples (bench/RESULTS.md), so against a greedy 42/42 any change of the model counts
-               as a loss (its 16 explanations it passes 0.39 of the time, sampled);
+               as a loss (its 16 explanations it passes about half the time, sampled: 0.55 of 8 answers each);
   capability_loglik_base, capability_pass_base
                the same two against the base model, when an adapter serves: each cycle's loss
                against the version it replaces may be too small to call, but such losses compound
@@ -66,6 +67,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -194,8 +196,10 @@ def read_capabilities(source) -> list[dict]:
 
 
 def passes(answer: str, contains_any: list[str]) -> bool:
-    """A capability item's check: the answer contains one of its strings (case-insensitive)."""
-    return any(x.lower() in answer.lower() for x in contains_any)
+    """A capability item's check: the answer contains one of its strings (case-insensitive) at the start of a
+    word, and not as part of a longer number. Prefixes stay prefixes ("dens" takes "dense" and "density"), but
+    "dens" is not in "condensed", "hot" not in "shot", "5" not in "15" or "50", "100" not in "1000"."""
+    return any(re.search(rf"(?<![^\W_]){re.escape(x)}(?!(?<=\d)\d)", answer, re.IGNORECASE) for x in contains_any)
 
 
 @torch.no_grad()
