@@ -5,8 +5,7 @@ Each variant trains a policy from the base model against the same reward model (
 model answer the simulator's held-out prompts and the simulated user judges each against the base
 model (ties half, 95% interval). Variants:
 
-  ppo                 PPO as a cycle runs it (8 answers a step: `--batch-size`, missing_eos_penalty 1.0)
-  ppo-no-eos-penalty  the same with missing_eos_penalty 0 (does the penalty push every taste to brevity?)
+  ppo                 PPO as a cycle runs it (8 answers a step: `--batch-size`; `--missing-eos-penalty` 1.0)
   best-of-n           best-of-n distillation (train.best_of_n): SFT on each prompt's best answer
   best-of-n-dpo       the same answers, DPO on each prompt's best against its worst
   best-of-n+ppo       best-of-n distillation, then PPO from it
@@ -20,7 +19,7 @@ reward model picks one of the base model's n answers per prompt) and `oracle pic
 simulated user's own preference picks it).
 
     .venv/bin/python bench/frozen_reward.py --reward-model DIR --preference bench.reward_model:second_person \\
-        [--variants ppo best-of-n] [--steps 24] [--batch-size 8] [--ppo-lr 5e-5] [--samples-per-prompt 1] [--best-of 8] [--bon-prompts 32] [--eval-prompts 40] [--samples 3]
+        [--variants ppo best-of-n] [--steps 24] [--batch-size 8] [--missing-eos-penalty 1.0] [--ppo-lr 5e-5] [--samples-per-prompt 1] [--best-of 8] [--bon-prompts 32] [--eval-prompts 40] [--samples 3]
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ from loopchat.simulate import DEFAULT_PROMPTS, load_judge, load_prompts, prompt_
 from train.best_of_n import BestOfNConfig  # noqa: E402
 from train.ppo import PPOConfig  # noqa: E402
 
-VARIANTS = ("ppo", "ppo-no-eos-penalty", "best-of-n", "best-of-n-dpo", "best-of-n+ppo")
+VARIANTS = ("ppo", "best-of-n", "best-of-n-dpo", "best-of-n+ppo")
 
 
 def sample(model, tokenizer, prompts, adapter: str | None, samples: int, max_new_tokens: int, seed: int) -> dict:
@@ -105,9 +104,9 @@ def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dic
         policy = work / "bon" if "+" in variant else out
         figures.update(score_all=round(bon["score_all"], 3), score_best=round(bon["score_best"], 3),
                        best_ended=round(bon["best_ended"], 2))
-    if variant.endswith("ppo") or variant == "ppo-no-eos-penalty":
+    if variant.endswith("ppo"):
         cfg = PPOConfig(steps=args.steps, batch_size=args.batch_size, minibatches=2, ppo_epochs=2, max_new_tokens=args.max_new_tokens,
-                        missing_eos_penalty=0.0 if variant == "ppo-no-eos-penalty" else 1.0,
+                        missing_eos_penalty=args.missing_eos_penalty,
                         samples_per_prompt=args.samples_per_prompt, lr=args.ppo_lr, seed=args.seed)
         metrics = train_ppo(model_dir, prompts, out, rm, cfg, init_adapter=policy)
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -123,6 +122,8 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
     p.add_argument("--steps", type=int, default=24, help="PPO steps")
     p.add_argument("--batch-size", type=int, default=8, help="PPO's answers a step (a cycle's: 8)")
+    p.add_argument("--missing-eos-penalty", type=float, default=PPOConfig.missing_eos_penalty,
+                   help="taken off the score of each PPO answer that did not end (train.ppo)")
     p.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     p.add_argument("--samples-per-prompt", type=int, default=1, help="PPO's answers to each prompt of a step (train.ppo)")
     p.add_argument("--best-of", type=int, default=8, help="answers per prompt for best-of-n and the pick rows")

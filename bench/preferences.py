@@ -1,6 +1,6 @@
 """Preferences that are not loopchat's built-ins, for checking that the loop learns preferences
-in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:gives_examples`, `:gives_figures`,
-`:uses_lists` or `:on_topic`.
+in general (bench/RESULTS.md): `--preference bench.preferences:plain_words`, `:long_words`, `:gives_examples`,
+`:gives_figures`, `:uses_lists` or `:on_topic`.
 
 Pairwise only: no score and no corrections, so thumbs come from judging two answers against
 each other and the loop has nothing but the users' choices to learn from.
@@ -35,6 +35,16 @@ def plain_words(prompt: str, a: str, b: str) -> str:
     if abs(la - lb) <= 0.15:
         return "tie"
     return "a" if la < lb else "b"
+
+
+def long_words(prompt: str, a: str, b: str) -> str:
+    """`plain_words` turned round: the answer in longer words on average is better (a reader who likes a learned
+    register); within 0.15 letters it is a tie. Written in session 29, before any run of it: does the loop learn a
+    taste against the plain, short answers it has learned before?"""
+    la, lb = mean_word_length(a), mean_word_length(b)
+    if la is None or lb is None:  # an answer without words loses, as in plain_words
+        return plain_words(prompt, a, b)
+    return "tie" if abs(la - lb) <= 0.15 else ("a" if la > lb else "b")
 
 
 def _more_is_better(a: str, b: str, count) -> str:

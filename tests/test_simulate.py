@@ -79,6 +79,10 @@ def test_builtins_and_plugins():
     assert plain.score is None and plain.correct is None
     assert plain.vote("q", "It is big and old.", "Its magnificence is considerable.", rng, noisy=False) == "a"
     assert plain.vote("q", "A cat sat.", "A dog sat.", rng, noisy=False) == "tie"
+    learned = load_judge("bench.preferences:long_words")
+    assert learned.vote("q", "It is big and old.", "Its magnificence is considerable.", rng, noisy=False) == "b"
+    assert learned.vote("q", "A cat sat.", "A dog sat.", rng, noisy=False) == "tie"
+    assert learned.vote("q", "Considerable magnificence.", "", rng, noisy=False) == "a"
     examples = load_judge("bench.preferences:gives_examples")
     assert examples.vote("q", "Fruit is sweet.", "Fruit, such as figs (e.g. dried), is sweet.", rng, noisy=False) == "b"
     assert examples.vote("q", "Such as it is.", "For instance, figs.", rng, noisy=False) == "tie"
