@@ -179,7 +179,7 @@ def main() -> None:
 
     print(f"machine: {json.dumps(hardware.describe())}")
     print(f"preference {args.preference}; reward model {args.reward_model}; from the base model: PPO {args.steps} steps x {args.batch_size} "
-          f"answers ({args.samples_per_prompt} to each prompt, lr {args.ppo_lr}), "
+          f"answers ({args.samples_per_prompt} to each prompt, lr {args.ppo_lr}, missing-EOS penalty {args.missing_eos_penalty}), "
           f"best-of-{args.best_of} on {args.bon_prompts} prompts, answers of <= {args.max_new_tokens} tokens; "
           f"measured on {len(heldout)} held-out prompts x {args.samples}")
     print(f"{'':<20} {'win vs base':>16} {'RM score':>9} {'ended':>6} {'words':>6}  training")
