@@ -25,8 +25,9 @@ def mean_word_length(text: str) -> float | None:
     return sum(map(len, words)) / len(words) if words else None
 
 
-def plain_words(prompt: str, a: str, b: str) -> str:
-    """The answer in plainer words (shorter on average) is better; within 0.15 letters it is a tie."""
+def _by_word_length(a: str, b: str, shorter_wins: bool) -> str:
+    """The answer whose words are shorter (or longer) on average is better; within 0.15 letters it is a
+    tie; an answer without words loses."""
     la, lb = mean_word_length(a), mean_word_length(b)
     if la is None and lb is None:
         return "both_bad"
@@ -34,17 +35,19 @@ def plain_words(prompt: str, a: str, b: str) -> str:
         return "a" if lb is None else "b"
     if abs(la - lb) <= 0.15:
         return "tie"
-    return "a" if la < lb else "b"
+    return "a" if (la < lb) == shorter_wins else "b"
+
+
+def plain_words(prompt: str, a: str, b: str) -> str:
+    """The answer in plainer words (shorter on average) is better; within 0.15 letters it is a tie."""
+    return _by_word_length(a, b, shorter_wins=True)
 
 
 def long_words(prompt: str, a: str, b: str) -> str:
     """`plain_words` turned round: the answer in longer words on average is better (a reader who likes a learned
     register); within 0.15 letters it is a tie. Written in session 29, before any run of it: does the loop learn a
     taste against the plain, short answers it has learned before?"""
-    la, lb = mean_word_length(a), mean_word_length(b)
-    if la is None or lb is None:  # an answer without words loses, as in plain_words
-        return plain_words(prompt, a, b)
-    return "tie" if abs(la - lb) <= 0.15 else ("a" if la > lb else "b")
+    return _by_word_length(a, b, shorter_wins=False)
 
 
 def _more_is_better(a: str, b: str, count) -> str:
