@@ -11,15 +11,15 @@ model (ties half, 95% interval). Variants:
   best-of-n+ppo       best-of-n distillation, then PPO from it
 
 Each trained variant also goes through the cycle's gate against the base model (train.evaluate on
-the held-out prompts, canaries off): its KL to the base model in nats per answer, the share of the
-shipped capability items it still answers, and which checks fail.
+the held-out prompts): its KL to the base model in nats per answer, the share of the shipped
+capability items it still answers, the share of canary answers that end, and which checks fail.
 
 Two rows need no training and bound what one round of best-of-n can buy: `RM pick of n` (the
 reward model picks one of the base model's n answers per prompt) and `oracle pick of n` (the
 simulated user's own preference picks it).
 
     .venv/bin/python bench/frozen_reward.py --reward-model DIR --preference bench.reward_model:second_person \\
-        [--variants ppo best-of-n] [--steps 24] [--batch-size 8] [--missing-eos-penalty 1.0] [--ppo-lr 5e-5] [--samples-per-prompt 1] [--best-of 8] [--bon-prompts 32] [--eval-prompts 40] [--samples 3]
+        [--variants ppo best-of-n] [--steps 24] [--batch-size 8] [--missing-eos-penalty 1.0] [--stop-floor 0] [--ptx-coef 0] [--ppo-lr 5e-5] [--samples-per-prompt 1] [--best-of 8] [--bon-prompts 32] [--eval-prompts 40] [--samples 3]
 """
 
 from __future__ import annotations
@@ -84,16 +84,18 @@ def gate(model_dir, adapter: Path, rm, heldout) -> dict:
     from train.evaluate import GateConfig, evaluate_adapter
 
     verdict = evaluate_adapter(model_dir, adapter, reward_model=rm, prompts=[{"prompt": m} for m in heldout],
-                               cfg=GateConfig(max_prompts=len(heldout), canaries=()))
+                               cfg=GateConfig(max_prompts=len(heldout)))
     checks = verdict["checks"]
     return {"kl": round(checks["kl"]["value"], 2), "capability": round(checks["capability_pass"]["value"], 3),
             "capability_base": round(verdict["figures"]["capability_pass_baseline"], 3),
+            "canaries_ended": round(checks["canaries"]["value"], 2), "canaries_base": round(verdict["figures"]["canaries_baseline"], 2),
             "gate_fails": [k for k, c in checks.items() if c.get("passed") is False]}
 
 
 def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dict:
     from train.best_of_n import train_best_of_n
     from train.ppo import train_ppo
+    from train.recipes.steps import SKILLS
 
     out, figures, policy = work / variant, {}, None
     if variant.startswith("best-of-n"):
@@ -106,12 +108,13 @@ def train_variant(variant: str, model_dir, prompts, rm, work: Path, args) -> dic
                        best_ended=round(bon["best_ended"], 2))
     if variant.endswith("ppo"):
         cfg = PPOConfig(steps=args.steps, batch_size=args.batch_size, minibatches=2, ppo_epochs=2, max_new_tokens=args.max_new_tokens,
-                        missing_eos_penalty=args.missing_eos_penalty,
+                        missing_eos_penalty=args.missing_eos_penalty, stop_floor=args.stop_floor, ptx_coef=args.ptx_coef,
                         samples_per_prompt=args.samples_per_prompt, lr=args.ppo_lr, seed=args.seed)
-        metrics = train_ppo(model_dir, prompts, out, rm, cfg, init_adapter=policy)
+        metrics = train_ppo(model_dir, prompts, out, rm, cfg, init_adapter=policy, demonstrations=str(SKILLS))
         steps = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         figures.update(ppo_score=f"{steps[0]['score']:.2f} -> {steps[-1]['score']:.2f}", ppo_kl=round(metrics["kl_last"], 2),
-                       ppo_ended=f"{steps[0]['eos_rate']:.2f} -> {steps[-1]['eos_rate']:.2f}")
+                       ppo_ended=f"{steps[0]['eos_rate']:.2f} -> {steps[-1]['eos_rate']:.2f}",
+                       **({"stop_kl_last": round(steps[-1]["stop_kl"], 3)} if args.stop_floor > 0 else {}))
     return figures
 
 
@@ -124,6 +127,10 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=8, help="PPO's answers a step (a cycle's: 8)")
     p.add_argument("--missing-eos-penalty", type=float, default=PPOConfig.missing_eos_penalty,
                    help="taken off the score of each PPO answer that did not end (train.ppo)")
+    p.add_argument("--stop-floor", type=float, default=PPOConfig.stop_floor,
+                   help="weight of PPO's loss on ending later than the base model would (train.ppo's stop_kl; 0: off)")
+    p.add_argument("--ptx-coef", type=float, default=PPOConfig.ptx_coef,
+                   help="PPO-ptx's weight on the shipped skills set, as a cycle mixes it in (0: off)")
     p.add_argument("--ppo-lr", type=float, default=PPOConfig.lr)
     p.add_argument("--samples-per-prompt", type=int, default=1, help="PPO's answers to each prompt of a step (train.ppo)")
     p.add_argument("--best-of", type=int, default=8, help="answers per prompt for best-of-n and the pick rows")
@@ -179,7 +186,7 @@ def main() -> None:
 
     print(f"machine: {json.dumps(hardware.describe())}")
     print(f"preference {args.preference}; reward model {args.reward_model}; from the base model: PPO {args.steps} steps x {args.batch_size} "
-          f"answers ({args.samples_per_prompt} to each prompt, lr {args.ppo_lr}, missing-EOS penalty {args.missing_eos_penalty}), "
+          f"answers ({args.samples_per_prompt} to each prompt, lr {args.ppo_lr}, missing-EOS penalty {args.missing_eos_penalty}, stop floor {args.stop_floor}, ptx {args.ptx_coef}), "
           f"best-of-{args.best_of} on {args.bon_prompts} prompts, answers of <= {args.max_new_tokens} tokens; "
           f"measured on {len(heldout)} held-out prompts x {args.samples}")
     print(f"{'':<20} {'win vs base':>16} {'RM score':>9} {'ended':>6} {'words':>6}  training")

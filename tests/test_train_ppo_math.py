@@ -1,10 +1,11 @@
 """PPO's arithmetic on plain tensors: GAE, whitening, per-token rewards, EOS handling, KL control."""
 
-import torch
+import math
 
 import pytest
+import torch
 
-from train.ppo import AdaptiveKL, PPOConfig, gae, grouped_scores, token_rewards, truncate_at_eos, whiten
+from train.ppo import AdaptiveKL, PPOConfig, gae, grouped_scores, stop_kl, token_rewards, truncate_at_eos, whiten
 
 
 def reference_gae(rewards, values, gamma, lam):
@@ -55,6 +56,19 @@ def test_grouped_scores_take_each_answer_against_the_other_answers_to_its_prompt
     assert torch.allclose(out, torch.tensor(leave_one_out))
     assert torch.allclose(out[3:], grouped_scores(scores[3:] - 9.0, 3))  # how easy a prompt is drops out
     assert torch.equal(grouped_scores(scores, 1), scores)
+
+
+def test_stop_kl_prices_only_positions_where_the_policy_is_less_ready_to_end_than_the_reference():
+    ref = torch.tensor([[0.5, 0.1, 0.01]]).log()
+    mask = torch.tensor([[1.0, 1.0, 1.0]])
+    assert stop_kl(ref, ref, mask).item() == 0
+    assert stop_kl(torch.tensor([[0.9, 0.5, 0.2]]).log(), ref, mask).item() == 0  # ending sooner costs nothing
+    later = torch.tensor([[0.25, 0.1, 0.001]])
+    expected = sum(r * math.log(r / q) + (1 - r) * math.log((1 - r) / (1 - q)) for r, q in ((0.5, 0.25), (0.01, 0.001)))
+    assert stop_kl(later.log(), ref, mask).item() == pytest.approx(expected, rel=1e-4)
+    assert stop_kl(later.log(), ref, torch.tensor([[0.0, 1.0, 1.0]])).item() < expected  # padding costs nothing
+    with pytest.raises(ValueError, match="stop_floor"):
+        PPOConfig(stop_floor=-1)
 
 
 def test_samples_per_prompt_must_divide_the_batch():

@@ -63,9 +63,10 @@ def test_the_policy_pass_matches_the_full_log_softmax_and_sampling_matches_plain
     with torch.no_grad():
         batch = generate(model, tok, PROMPTS, 12, 0.0)
         args = (batch["seq"], batch["attn"], batch["prompt_len"])
-        logp, values = forward(model, head, *args, batch["responses"], 0.7)
+        logp, values, stop = forward(model, head, *args, batch["responses"], 0.7, tok.eos_token_id)
         full, hidden = response_logprobs(model, *args, 0.7)
         assert torch.allclose(logp, full.gather(-1, batch["responses"].unsqueeze(-1)).squeeze(-1), atol=1e-5)
+        assert torch.allclose(stop, full[..., tok.eos_token_id], atol=1e-5)
         assert torch.allclose(values, head(hidden))
         # The contiguity hook changes no token: greedy answers are those of transformers' own generate.
         ids, attn = batch["seq"][:, : batch["prompt_len"]], batch["attn"][:, : batch["prompt_len"]]
@@ -96,7 +97,7 @@ def test_the_sampling_pass_gives_the_policy_passs_logprobs_values_and_entropy(po
     with torch.no_grad():
         batch = generate(model, tok, PROMPTS, 12, 0.7)
         args = (batch["seq"], batch["attn"], batch["prompt_len"])
-        logp, values = forward(model, head, *args, batch["responses"], 0.7)
+        logp, values, _ = forward(model, head, *args, batch["responses"], 0.7)
         full, _ = response_logprobs(model, *args, 0.7)
         entropy = -(full.exp() * full).sum(-1)
         mask = batch["mask"].bool()

@@ -1,4 +1,5 @@
-"""PPO-ptx: an SFT loss on demonstrations mixed into each PPO update with weight `ptx_coef`."""
+"""Terms added to PPO's update: PPO-ptx (an SFT loss on demonstrations, weight `ptx_coef`) and the stop floor
+(`stop_floor`: the policy kept from ending its answers later than the reference would)."""
 
 import json
 
@@ -7,7 +8,8 @@ import torch
 
 import hardware
 from train import common
-from train.ppo import Clock, PPOConfig, ValueHead, demonstration_batches, load_policy, lora_state, rollout, train_ppo, update
+from train.ppo import (Clock, PPOConfig, ValueHead, demonstration_batches, forward, load_policy, lora_state, restore_lora, rollout,
+                       train_ppo, update)
 from train.sft import batches, lm_loss, make_examples
 from train_fixtures import real_model_dir, rule_reward, tiny_model_dir  # noqa: F401  (fixtures)
 
@@ -70,3 +72,30 @@ def test_train_ppo_mixes_demonstrations_and_logs_the_ptx_loss(tiny_model_dir, tm
     lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert all(line["ptx_loss"] > 0 for line in lines) and metrics["ptx_loss_last"] == lines[-1]["ptx_loss"]
     assert json.loads((tmp_path / "train_config.json").read_text())["ptx_coef"] == 0.5
+
+
+def test_the_stop_floor_pulls_the_policys_readiness_to_end_up_to_the_references(real_model_dir):  # noqa: F811
+    """Against a reference that would end at every position with probability 0.5, an update with the stop floor
+    leaves the policy more ready to end its rollout's answers than the same update without it. The real model:
+    a tiny random one's logits hardly move under LoRA."""
+    cfg = PPOConfig(batch_size=4, minibatches=2, ppo_epochs=1, max_new_tokens=8, lr=1e-3, stop_floor=1.0)
+    model = load_policy(real_model_dir, cfg, device=torch.device("cpu"), dtype=hardware.choose("float32").torch_dtype)
+    tok = common.load_tokenizer(real_model_dir)
+    head = ValueHead(model.get_base_model().config.hidden_size)
+    torch.manual_seed(0)
+    batch = rollout(model, head, tok, PROMPTS, rule_reward, cfg, cfg.kl_coef, Clock())
+    assert batch["stop_id"] == tok.eos_token_id and batch["ref_stop"].shape == batch["logprobs"].shape
+    batch["ref_stop"] = torch.full_like(batch["ref_stop"], 0.5).log()
+    start, ready = lora_state(model), {}
+    for floor in (0.0, 1.0):
+        restore_lora(model, start)
+        params = [p for p in model.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+        stats = update(model, ValueHead(head.linear.in_features), opt, params, batch,
+                       PPOConfig(**{**cfg.__dict__, "stop_floor": floor}), torch.Generator().manual_seed(0))
+        assert ("stop_kl" in stats) == (floor > 0)
+        with torch.no_grad():
+            _, _, stop = forward(model, None, batch["seq"], batch["attn"], batch["prompt_len"], batch["responses"], cfg.temperature,
+                                 tok.eos_token_id)
+        ready[floor] = float((stop * batch["mask"]).sum() / batch["mask"].sum())  # mean log-prob of ending, nats
+    assert ready[1.0] > ready[0.0] + 0.5, ready

@@ -104,6 +104,11 @@ class PPOConfig:
     # it as well (the cycle sets it from what its last gate took per candidate, train.cycle.judging_seconds).
     fallback_reserve_s: float = 0.0
     missing_eos_penalty: float = 1.0
+    # Weight of a loss that keeps the policy from ending its answers later than the reference policy would: at
+    # every position of PPO's answers where the policy is less likely to end than the reference, the KL of the
+    # reference's end-or-go-on decision from the policy's, summed over the answer (0 = off; see stop_kl). What the
+    # missing-EOS penalty guards (answers that end) without paying the policy to end sooner than it did.
+    stop_floor: float = 0.0
     cliprange: float = 0.2
     cliprange_value: float = 0.2
     vf_coef: float = 0.1
@@ -126,6 +131,8 @@ class PPOConfig:
             raise ValueError(f"samples_per_prompt must divide batch_size ({self.batch_size}), not {self.samples_per_prompt!r}")
         if not self.temperature > 0:
             raise ValueError(f"PPO samples its rollouts: temperature must be positive, not {self.temperature!r}")
+        if self.stop_floor < 0:
+            raise ValueError(f"stop_floor must be 0 or more, not {self.stop_floor!r}")
         if self.kl_base_coef < 0:
             raise ValueError(f"kl_base_coef must be 0 or more, not {self.kl_base_coef!r}")
         if self.fallback_kl is not None and not self.fallback_kl > 0:
@@ -238,12 +245,25 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
     return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - norm
 
 
-def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float):
-    """Per response token: (log-prob at `temperature`, value of the state before it, None when
-    value_head is None). One trunk pass; the LM head runs only at response positions."""
+def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float, stop_id: int | None = None):
+    """Per response token: (log-prob at `temperature`, value of the state before it or None when value_head
+    is None, log-prob of ending there (`stop_id`) or None without it). One trunk pass; the LM head runs only
+    at response positions."""
     hidden, head = response_hidden(model, seq, attn, prompt_len)
     values = value_head(hidden) if value_head is not None else None
-    return token_logprobs(head(hidden), responses, temperature), values
+    logits = head(hidden)
+    stop = None if stop_id is None else token_logprobs(logits, torch.full_like(responses, stop_id), temperature)
+    return token_logprobs(logits, responses, temperature), values, stop
+
+
+def stop_kl(stop: torch.Tensor, ref_stop: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per answer, KL(reference || policy) of the decision to end or go on, summed over the positions where
+    the policy is less likely to end than the reference (log-probs of ending: `stop`, `ref_stop`). One-sided:
+    ending sooner costs nothing, so a taste for short answers is still the reward model's to teach."""
+    p_ref = ref_stop.exp().clamp(max=1 - 1e-6)
+    p = stop.exp().clamp(max=1 - 1e-6)
+    kl = p_ref * (ref_stop - stop) + (1 - p_ref) * (torch.log1p(-p_ref) - torch.log1p(-p))
+    return (kl * (stop < ref_stop) * mask).sum(1)
 
 
 def tight(batch: dict, rows: torch.Tensor) -> tuple:
@@ -414,12 +434,13 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
     # The policy's own figures come from the sampling pass (see Sampler); only the reference needs a pass.
     logprobs, values, entropy = batch["logprobs"], value_head(batch["hidden"]), batch["entropy"]
     args = (seq, attn, P, responses, cfg.temperature)
+    stop_id = tokenizer.eos_token_id if cfg.stop_floor > 0 else None
     with clock("reference"), reference_model(model):
-        ref_logprobs, _ = forward(model, None, *args)
+        ref_logprobs, _, ref_stop = forward(model, None, *args, stop_id)
     kl = (logprobs - ref_logprobs) * mask
     if REFERENCE in model.peft_config:
         with clock("base"), model.disable_adapter():
-            base_logprobs, _ = forward(model, None, *args)
+            base_logprobs, _, _ = forward(model, None, *args)
         kl_base = (logprobs - base_logprobs) * mask
     else:
         kl_base = kl
@@ -430,6 +451,8 @@ def rollout(model, value_head, tokenizer, prompts: list[list[dict]], reward_fn: 
         "values": values * mask,
         "advantages": whiten(adv, mask),
         "returns": returns,
+        "stop_id": stop_id,
+        "ref_stop": ref_stop,
         "stats": {
             "score": float(raw_scores.mean()),
             "kl": float(kl.sum(1).mean()),
@@ -456,7 +479,7 @@ def demonstration_batches(tokenizer, records, cfg: PPOConfig, device):
 def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generator: torch.Generator, demonstrations=None) -> dict:
     """`ppo_epochs` passes of clipped policy + value loss over shuffled minibatches; with
     `demonstrations` (from demonstration_batches) and `ptx_coef` > 0, plus ptx_coef times the SFT
-    loss on one batch of them per minibatch."""
+    loss on one batch of them per minibatch; with `stop_floor` > 0, plus stop_floor times stop_kl."""
     model.train()
     n = batch["seq"].shape[0]
     size = max(1, n // cfg.minibatches)
@@ -469,16 +492,21 @@ def update(model, value_head, opt, params, batch: dict, cfg: PPOConfig, generato
             i = order[start : start + size].to(batch["seq"].device)
             seq, attn, prompt_len, responses, width = tight(batch, i)
             mask, adv, old_logp, old_v, ret = (batch[k][i, :width] for k in ("mask", "advantages", "logprobs", "values", "returns"))
-            logp, v = forward(model, value_head, seq, attn, prompt_len, responses, cfg.temperature)
+            logp, v, stop = forward(model, value_head, seq, attn, prompt_len, responses, cfg.temperature,
+                                    batch["stop_id"] if cfg.stop_floor > 0 else None)
             logratio = (logp - old_logp) * mask
             ratio = logratio.exp()
             pg_loss = masked_mean(torch.max(-adv * ratio, -adv * ratio.clamp(1 - cfg.cliprange, 1 + cfg.cliprange)), mask)
             v_clipped = old_v + (v - old_v).clamp(-cfg.cliprange_value, cfg.cliprange_value)
             vf_loss = 0.5 * masked_mean(torch.max((v - ret) ** 2, (v_clipped - ret) ** 2), mask)
             loss = pg_loss + cfg.vf_coef * vf_loss
+            step_stats = {}
+            if stop is not None:
+                stop_loss = stop_kl(stop, batch["ref_stop"][i, :width], mask).mean()
+                loss = loss + cfg.stop_floor * stop_loss
+                step_stats["stop_kl"] = stop_loss.item()
             opt.zero_grad(set_to_none=True)
             loss.backward()
-            step_stats = {}
             if mix_ptx:
                 # A separate backward accumulates into the same gradients: the two graphs are never held at once.
                 ptx_loss = lm_loss(model, *next(demonstrations))
