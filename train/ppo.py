@@ -14,7 +14,9 @@ One step:
      GAE with gamma=1, lambda=0.95; advantages whitened over the batch;
   5. `ppo_epochs` passes over `minibatches` minibatches of the clipped policy loss plus the
      clipped value loss, plus, with `ptx_coef` > 0, `ptx_coef` times the SFT loss on a batch of
-     demonstrations (InstructGPT's PPO-ptx: it keeps what SFT taught while PPO chases the reward).
+     demonstrations (InstructGPT's PPO-ptx: it keeps what SFT taught while PPO chases the reward),
+     and, with `stop_floor` > 0, `stop_floor` times stop_kl (the policy kept from becoming less ready
+     to end its answers than the reference; one pass of the reference in step 3 gives both).
 
 The reference: by default the base model (the adapter switched off). A cycle that continues from
 the serving adapter passes that adapter as `reference_adapter`: PPO's KL is then the KL to the policy
