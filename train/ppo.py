@@ -238,13 +238,14 @@ def response_logprobs(model, seq, attn, prompt_len: int, temperature: float):
 
 
 def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-prob of `tokens` under softmax(logits / temperature), in float32.
+    """Log-prob of `tokens` under softmax(logits / temperature), in float32; `tokens` is one id per position,
+    or several (a last dimension of its own) that share one normalisation.
 
     log p(t) = logit_t / T - logsumexp(logits / T): only the taken tokens' log-probs are formed,
     never the vocabulary-wide log-softmax (49k floats per position, and as many again for its gradient)."""
     scaled = logits.float() / temperature
-    norm = torch.logsumexp(scaled, -1)
-    return scaled.gather(-1, tokens.unsqueeze(-1)).squeeze(-1) - norm
+    norm = torch.logsumexp(scaled, -1, keepdim=True)
+    return (scaled.gather(-1, tokens.reshape(*scaled.shape[:-1], -1)) - norm).reshape(tokens.shape)
 
 
 def forward(model, value_head, seq, attn, prompt_len: int, responses, temperature: float, stop_id: int | None = None):
@@ -253,9 +254,10 @@ def forward(model, value_head, seq, attn, prompt_len: int, responses, temperatur
     at response positions."""
     hidden, head = response_hidden(model, seq, attn, prompt_len)
     values = value_head(hidden) if value_head is not None else None
-    logits = head(hidden)
-    stop = None if stop_id is None else token_logprobs(logits, torch.full_like(responses, stop_id), temperature)
-    return token_logprobs(logits, responses, temperature), values, stop
+    if stop_id is None:
+        return token_logprobs(head(hidden), responses, temperature), values, None
+    both = token_logprobs(head(hidden), torch.stack([responses, torch.full_like(responses, stop_id)], -1), temperature)
+    return both[..., 0], values, both[..., 1]
 
 
 def stop_kl(stop: torch.Tensor, ref_stop: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
